@@ -1,0 +1,1 @@
+"""The model side of diffucode: checkpoint loading, the Dream network, the sampler and tasks."""

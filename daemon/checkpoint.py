@@ -1,0 +1,205 @@
+"""Loading DiffuCoder / Dream checkpoints into our own network, never running shipped code.
+
+A checkpoint is a Hugging Face-format directory (config.json, model.safetensors or shards with
+model.safetensors.index.json, tokenizer files) or a hub id found in the local Hugging Face
+cache (offline: only `diffucode pull` touches the network). The network is built on the meta
+device and the memory-mapped safetensors are assigned to it, so loading costs little more than
+reading the files. Every name, shape and dtype is checked first; an error names the file and
+the tensor, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError
+from .network import Dream, DreamConfig
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_FILES_TO_PULL = ["*.json", "*.safetensors", "merges.txt", "vocab.json", "*.md"]
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: where it came from, its config, the network and its tokenizer."""
+
+    path: Path
+    config: DreamConfig
+    network: Dream
+    tokenizer: Tokenizer | None  # None when the directory has no tokenizer files
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def mask_id(self) -> int:
+        return self.config.mask_token_id
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} was asked for but CUDA is not available here")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise CheckpointError(f"unknown device {device!r} (use auto, cpu or cuda)") from e
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on CUDA and fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r} (use auto, {', '.join(sorted(set(DTYPES)))})")
+    return DTYPES[dtype]
+
+
+def resolve_path(model: str | Path) -> Path:
+    """A checkpoint directory, or a hub id looked up in the local Hugging Face cache only."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"model {str(model)!r} is a file; expected a checkpoint directory")
+    if not HUB_ID.match(str(model)):
+        raise CheckpointError(f"model {str(model)!r}: no such directory, and not a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(model), local_files_only=True))
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(f"model {str(model)!r} is not in the local Hugging Face cache; "
+                              f"download it once with `diffucode pull {model}`") from e
+
+
+def read_config(path: Path) -> DreamConfig:
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: config.json is missing")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, found {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if str(model_type).lower() != "dream":
+        raise CheckpointError(f"{file}: model_type {model_type!r} is not a Dream checkpoint "
+                              f"(expected 'Dream', as DiffuCoder, Dream and Dream-Coder have)")
+    try:
+        cfg = DreamConfig.from_dict(raw)
+    except TypeError as e:
+        raise CheckpointError(f"{file}: {e}") from e
+    problems = cfg.check()
+    if problems:
+        raise CheckpointError(f"{file}: " + "; ".join(problems))
+    return cfg
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from its index when it is sharded."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing)}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+    hint = f" (found {', '.join(others)}: only safetensors are loaded, never pickles)" if others else ""
+    raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json{hint}")
+
+
+def expected_shapes(cfg: DreamConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint must hold, by name, with its shape."""
+    with torch.device("meta"):
+        net = Dream(cfg)
+    return {name: tuple(p.shape) for name, p in net.state_dict().items()}
+
+
+def load_weights(path: Path, cfg: DreamConfig, device: torch.device, dtype: torch.dtype) -> Dream:
+    expected = expected_shapes(cfg)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        try:
+            # mmap'd; .to() copies only when the device or dtype differs
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name not in expected:
+                        raise CheckpointError(f"{file.name}: unexpected tensor {name!r} "
+                                              f"(not part of a Dream network with this config.json)")
+                    t = f.get_tensor(name)
+                    if tuple(t.shape) != expected[name]:
+                        raise CheckpointError(f"{file.name}: tensor {name!r} has shape {list(t.shape)}, "
+                                              f"expected {list(expected[name])} from config.json")
+                    if not t.is_floating_point():
+                        raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {t.dtype}, "
+                                              f"expected a floating-point dtype")
+                    tensors[name] = t.to(device=device, dtype=dtype)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from e
+    if "lm_head.weight" not in tensors and cfg.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: missing tensors {shown}")
+    with torch.device("meta"):
+        net = Dream(cfg)
+    net.load_state_dict(tensors, strict=True, assign=True)
+    return net.eval().requires_grad_(False)
+
+
+def load_checkpoint(model: str | Path, device: str = "auto", dtype: str = "auto",
+                    require_tokenizer: bool = True) -> Checkpoint:
+    """Load a checkpoint directory or a locally cached hub id.
+
+    require_tokenizer=False allows directories without tokenizer files (token ids in and out,
+    as `diffucode generate` takes).
+    """
+    path = resolve_path(model)
+    cfg = read_config(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    has_tokenizer = (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
+    tokenizer = Tokenizer.from_dir(path) if (has_tokenizer or require_tokenizer) else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but "
+                              f"config.json's vocab_size is {cfg.vocab_size}")
+    net = load_weights(path, cfg, dev, dt)
+    return Checkpoint(path=path, config=cfg, network=net, tokenizer=tokenizer, device=dev, dtype=dt)
+
+
+def pull(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """Download a checkpoint from the Hugging Face hub (the only network access in diffucode).
+
+    Only configs, safetensors and tokenizer files are fetched: no pickles and no Python code.
+    huggingface_hub shows a progress bar per file.
+    """
+    if not HUB_ID.match(repo_id):
+        raise CheckpointError(f"{repo_id!r} is not a hub id (expected owner/name, "
+                              f"e.g. apple/DiffuCoder-7B-cpGRPO)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                  allow_patterns=WEIGHT_FILES_TO_PULL))

@@ -1,0 +1,21 @@
+"""Errors the model side raises, each with a message that names the value and the limit.
+
+Kept in one place so the CLI (and later the daemon's server) can map them to exit codes and
+error replies without knowing where they came from.
+"""
+
+
+class DiffucodeError(Exception):
+    """Base class: anything the user can fix by changing an input."""
+
+
+class CheckpointError(DiffucodeError):
+    """A checkpoint directory is missing files, or a tensor has the wrong name, shape or dtype."""
+
+
+class InputError(DiffucodeError):
+    """A request is malformed: a cursor outside the file, a canvas over the limit, a bad option."""
+
+
+class Cancelled(DiffucodeError):
+    """The per-step callback cancelled a request between denoising steps."""

@@ -1,0 +1,228 @@
+"""The reference sampler of Dream / DiffuCoder (`diffusion_generate`), generalised to masks
+anywhere in the sequence, so that one loop serves completion, infill and refinement.
+
+This module knows token ids and the network; no text, no sockets. Its one window to the
+outside is the per-step callback, which can cancel (raise `Cancelled`), watch the canvas
+(streaming), or ask to finish (a deadline): the next step then reveals every remaining mask.
+
+The arithmetic mirrors the reference step for step (float32 linspace schedule, reveal count
+truncated from the float mean mask count, top-k over a full-length confidence row) so that
+greedy decoding (temperature 0, alg_temp 0) is token-identical to it. With masks appended
+after a prompt this *is* the reference algorithm; `generate` is that case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .network import Dream
+
+ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+FINISH = "finish"  # a callback returns this to fill all remaining masks in one last step
+
+
+@dataclass
+class SamplerConfig:
+    steps: int
+    alg: str = "entropy"
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    alg_temp: float | None = 0.0
+    eps: float = 1e-3
+
+    def check(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise InputError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.alg not in ALGORITHMS:
+            raise InputError(f"alg {self.alg!r} is unknown; choose one of {', '.join(ALGORITHMS)}")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise InputError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.alg_temp is not None and self.alg_temp < 0:
+            raise InputError(f"alg_temp must be >= 0, got {self.alg_temp}")
+        if not 0 < self.eps < 1:
+            raise InputError(f"eps must be in (0, 1), got {self.eps}")
+
+
+@dataclass
+class Step:
+    """What the callback sees after each step."""
+
+    index: int  # 0-based
+    steps: int  # the planned number of steps
+    x: torch.Tensor  # (B, N) the canvas after this step; do not modify
+    revealed: torch.Tensor  # (B, N) bool, positions revealed in this step
+    masks_left: int
+
+
+@dataclass
+class Result:
+    x: torch.Tensor  # (B, N) final sequence
+    history: list[torch.Tensor] | None  # x after every step
+    logprob: torch.Tensor  # (B, N) float32 log-probability (untempered) of each revealed token; nan elsewhere
+    steps_run: int
+    forward_passes: int
+
+
+def top_p_logits(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose cumulative probability passes top_p (the first
+    token is always kept); the rest get the dtype's minimum."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+    cum = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cum > top_p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, sorted_idx, remove)
+    return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+
+
+def top_k_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    top_k = min(top_k, logits.size(-1))
+    remove = logits < torch.topk(logits, top_k)[0][..., -1, None]
+    return logits.masked_fill(remove, torch.finfo(logits.dtype).min)
+
+
+def sample_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator | None = None,
+                  confidence: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of (M, V) logits, and its confidence.
+
+    confidence: "prob" (probability of the chosen token; maskgit_plus), "margin" (p1 - p2;
+    topk_margin) or "neg_entropy" (sum p log p; entropy). Higher is more certain.
+    """
+    if cfg.temperature > 0:
+        logits = logits / cfg.temperature
+    if cfg.top_p is not None and cfg.top_p < 1:
+        logits = top_p_logits(logits, cfg.top_p)
+    if cfg.top_k is not None:
+        logits = top_k_logits(logits, cfg.top_k)
+    probs = torch.softmax(logits, dim=-1)
+    if cfg.temperature > 0 and probs.shape[0] > 0:
+        # as torch.distributions.Categorical(probs).sample() draws, so a seed gives the same tokens
+        tokens = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, True, generator=generator).squeeze(-1)
+        conf = torch.gather(probs, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    else:
+        conf, tokens = probs.max(dim=-1)
+    if confidence == "margin":
+        top2 = torch.sort(probs, dim=-1, descending=True)[0]
+        conf = top2[:, 0] - top2[:, 1]
+    elif confidence == "neg_entropy":
+        conf = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
+    return conf, tokens
+
+
+CONFIDENCE_OF = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "neg_entropy"}
+
+
+def masked_logits(network: Dream, x: torch.Tensor, mask: torch.Tensor, attention_mask, position_ids) -> torch.Tensor:
+    """Shifted logits of the masked positions, (total masks, V), in row-major order like
+    `logits[mask]`; only those rows go through the lm_head."""
+    counts = mask.sum(dim=1)
+    P = int(counts.max())
+    # masked positions first, in ascending order (stable sort), padded with unmasked ones
+    positions = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :P]
+    logits = network(x, position_ids=position_ids, attention_mask=attention_mask,
+                     predict_positions=positions).logits
+    valid = torch.arange(P, device=x.device)[None, :] < counts[:, None]
+    return logits[valid]
+
+
+@torch.inference_mode()
+def denoise(
+    network: Dream,
+    x: torch.Tensor,  # (B, N) with mask_id at the positions to fill; rows need equal mask counts
+    mask_id: int,
+    cfg: SamplerConfig,
+    *,
+    attention_mask: torch.Tensor | None = None,  # (B, 1, N, N) bool, for left-padded batches
+    position_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable[[Step], str | None] | None = None,
+    keep_history: bool = False,
+) -> Result:
+    cfg.check()
+    x = x.clone()
+    B, N = x.shape
+    device = x.device
+    history = [] if keep_history else None
+    logprob = torch.full((B, N), float("nan"), device=device)
+    timesteps = torch.linspace(1, cfg.eps, cfg.steps + 1, device=device)
+    finishing = False
+    steps_run = 0
+    for i in range(cfg.steps):
+        mask = x == mask_id
+        if not mask.any():  # (origin can reveal everything early) the reference's later steps
+            if history is not None:  # change nothing: record them without running the model
+                history.append(x.clone())
+            continue
+        last = finishing or i == cfg.steps - 1
+        logits = masked_logits(network, x, mask, attention_mask, position_ids)
+        t, s = timesteps[i], timesteps[i + 1]
+        before = x.clone()
+        if cfg.alg == "origin":
+            p_transfer = 1 - s / t if not last else 1
+            x0 = torch.full_like(x[mask], mask_id)
+            transfer = torch.rand(*x0.shape, device=device, generator=generator) < p_transfer
+            _, x0[transfer] = sample_tokens(logits[transfer], cfg, generator)
+            x[mask] = x0
+        else:
+            conf, x0 = sample_tokens(logits, cfg, generator, CONFIDENCE_OF[cfg.alg])
+            masks_per_row = mask.sum() / mask.shape[0]
+            k = int(masks_per_row * (1 - s / t)) if not last else int(masks_per_row)
+            full_conf = torch.full_like(x, -torch.inf, dtype=logits.dtype)
+            full_conf[mask] = conf
+            if k > 0:
+                if not cfg.alg_temp:
+                    _, chosen = torch.topk(full_conf, k)
+                else:
+                    weights = F.softmax(full_conf / cfg.alg_temp, dim=-1)
+                    chosen = torch.multinomial(weights, num_samples=k, generator=generator)
+                proposal = torch.full_like(x, mask_id)
+                proposal[mask] = x0
+                rows = torch.arange(B, device=device).unsqueeze(1).expand_as(chosen)
+                x[rows, chosen] = proposal[rows, chosen]
+        revealed = (before != x)
+        if revealed.any():
+            # log-probabilities of what was revealed, from the untempered distribution
+            lp_all = torch.full((B, N), float("nan"), device=device)
+            lp_all[mask] = torch.log_softmax(logits, dim=-1).gather(
+                -1, x[mask].clamp(max=logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+            logprob[revealed] = lp_all[revealed]
+        steps_run += 1
+        if history is not None:
+            history.append(x.clone())
+        if callback is not None:
+            answer = callback(Step(i, cfg.steps, x, revealed, int((x == mask_id).sum())))
+            finishing = finishing or answer == FINISH
+        if last:
+            break
+    return Result(x=x, history=history, logprob=logprob, steps_run=steps_run, forward_passes=steps_run)
+
+
+def generate(
+    network: Dream,
+    prompt: torch.Tensor,  # (B, T) token ids, left-padded when rows differ in length
+    max_new_tokens: int,
+    mask_id: int,
+    cfg: SamplerConfig,
+    prompt_mask: torch.Tensor | None = None,  # (B, T) 1 = token, 0 = left padding
+    **kwargs,
+) -> Result:
+    """The reference `diffusion_generate`: prompt followed by max_new_tokens masks."""
+    from .network import padding_inputs
+
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    x = F.pad(prompt, (0, max_new_tokens), value=mask_id)
+    if prompt_mask is not None and bool((prompt_mask == 0).any()):
+        full = F.pad(prompt_mask, (0, max_new_tokens), value=1)
+        kwargs["attention_mask"], kwargs["position_ids"] = padding_inputs(full)
+    return denoise(network, x, mask_id, cfg, **kwargs)

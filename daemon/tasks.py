@@ -1,0 +1,267 @@
+"""Tasks: complete, infill and refine, in text, for one loaded checkpoint.
+
+This layer turns text into token ids (prompt layout, context budget), asks the sampler to
+denoise, and turns ids back into text (cutting at end tokens). It knows nothing of sockets.
+The text outside the region being written is never re-encoded into the answer: results are
+assembled from the caller's own strings, so the code before and after stays byte-identical.
+
+Prompt formats: "raw" (Base checkpoints: code as it is) and "chatml" (Instruct / cpGRPO:
+the code goes into the assistant turn after a fixed instruction). "auto" picks chatml when the
+tokenizer has `<|dlm_pad|>`, which only the Instruct and cpGRPO checkpoints add.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import InputError
+from .sampler import Result, SamplerConfig, Step, denoise
+
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+QUERIES = {
+    "complete": "Continue the following code.",
+    "infill": "Fill in the missing code.",
+    "refine": "Improve the marked code.",
+}
+END_TOKENS = ("<|endoftext|>", "<|dlm_pad|>", "<|im_end|>")
+
+
+@dataclass
+class Options:
+    """How to denoise one request. steps=None means one step per canvas token (the
+    reference-equivalent, most careful setting)."""
+
+    max_new_tokens: int = 32
+    steps: int | None = None
+    alg: str = "entropy"
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    alg_temp: float | None = 0.0
+    eps: float = 1e-3
+    seed: int = 0
+
+    def sampler(self, canvas: int) -> SamplerConfig:
+        steps = self.steps if self.steps is not None else canvas
+        if self.steps is not None and canvas != self.max_new_tokens:  # keep tokens per step
+            steps = max(1, math.ceil(canvas * self.steps / self.max_new_tokens))
+        return SamplerConfig(steps=steps, alg=self.alg, temperature=self.temperature, top_p=self.top_p,
+                             top_k=self.top_k, alg_temp=self.alg_temp, eps=self.eps)
+
+
+@dataclass
+class Limits:
+    max_canvas_tokens: int = 1024  # masks in one request
+    max_context_tokens: int = 4096  # code before + after sent to the model; the rest is cut
+    prefix_share: float = 0.75  # of the context budget, for the code before the cursor
+
+
+@dataclass
+class Candidate:
+    length: int  # canvas size tried
+    text: str
+    score: float  # mean log-probability per kept token (length-normalised)
+
+
+@dataclass
+class Answer:
+    text: str  # the new text for the region (completion, middle, or rewritten span)
+    tokens: list[str]  # the region's tokens, as text
+    confidence: list[float]  # per token, probability in [0, 1]
+    steps_run: int
+    forward_passes: int
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def _score(logprobs: list[float]) -> float:
+    return sum(logprobs) / len(logprobs) if logprobs else -math.inf
+
+
+class Tasks:
+    def __init__(self, ckpt: Checkpoint, prompt_format: str = "auto", limits: Limits | None = None):
+        if ckpt.tokenizer is None:
+            raise InputError(f"{ckpt.path}: text tasks need the checkpoint's tokenizer files")
+        if prompt_format not in ("auto", "raw", "chatml"):
+            raise InputError(f"prompt format {prompt_format!r} is unknown (use auto, raw or chatml)")
+        self.ckpt, self.tok, self.limits = ckpt, ckpt.tokenizer, limits or Limits()
+        if prompt_format == "auto":
+            prompt_format = "chatml" if self.tok.token_id("<|dlm_pad|>") is not None else "raw"
+        self.prompt_format = prompt_format
+        ends = {self.tok.token_id(t) for t in END_TOKENS} | {ckpt.config.eos_token_id, ckpt.config.pad_token_id}
+        self.end_ids = {i for i in ends if i is not None}
+
+    # --- prompt layout -------------------------------------------------------------------
+
+    def _context(self, before: str, after: str) -> tuple[list[int], list[int]]:
+        """Token ids of the code before and after, cut to the context budget (keeping the
+        tokens nearest the cursor); unused budget on one side goes to the other."""
+        b, a = self.tok.encode(before), self.tok.encode(after)
+        budget = self.limits.max_context_tokens
+        if len(b) + len(a) > budget:
+            want_b = int(budget * self.limits.prefix_share)
+            keep_a = min(len(a), budget - min(len(b), want_b))
+            keep_b = budget - keep_a
+            b, a = b[len(b) - keep_b:] if keep_b else [], a[:keep_a]
+        return b, a
+
+    def _layout(self, task: str, before: list[int], canvas: list[int], after: list[int]) -> tuple[list[int], int]:
+        """The full sequence and where the region starts."""
+        head: list[int] = []
+        tail: list[int] = []
+        if self.prompt_format == "chatml":
+            head = self.tok.encode_with_special(
+                f"{SYSTEM}<|im_start|>user\n{QUERIES[task]}\n<|im_end|>\n<|im_start|>assistant\n")
+            if task != "complete":
+                tail = self.tok.encode_with_special("<|im_end|>")
+        ids = head + before + canvas + after + tail
+        return ids, len(head) + len(before)
+
+    def _check_canvas(self, n: int) -> None:
+        if n < 1:
+            raise InputError(f"the canvas needs at least 1 token, got {n}")
+        if n > self.limits.max_canvas_tokens:
+            raise InputError(f"canvas of {n} tokens exceeds the limit of {self.limits.max_canvas_tokens}")
+
+    def _check_sequence(self, n: int) -> None:
+        limit = self.ckpt.config.max_position_embeddings
+        if n > limit:
+            raise InputError(f"sequence of {n} tokens exceeds the model's {limit} positions")
+
+    def _run(self, ids: list[int], opts: Options, canvas: int, callback) -> Result:
+        self._check_sequence(len(ids))
+        x = torch.tensor([ids], device=self.ckpt.device)
+        gen = torch.Generator(device=self.ckpt.device).manual_seed(opts.seed)
+        return denoise(self.ckpt.network, x, self.ckpt.mask_id, opts.sampler(canvas),
+                       generator=gen, callback=callback)
+
+    def _cut(self, ids: list[int]) -> int:
+        """Number of tokens before the first end token."""
+        return next((i for i, t in enumerate(ids) if t in self.end_ids), len(ids))
+
+    def _answer(self, ids: list[int], conf: list[float], result: Result, candidates=()) -> Answer:
+        pieces = [self.tok.decode([i], skip_special=True) for i in ids]
+        return Answer(text=self.tok.decode(ids, skip_special=True), tokens=pieces, confidence=conf,
+                      steps_run=result.steps_run, forward_passes=result.forward_passes,
+                      candidates=list(candidates))
+
+    # --- tasks ---------------------------------------------------------------------------
+
+    def complete(self, before: str, opts: Options = Options(),
+                 callback: Callable[[Step], str | None] | None = None) -> Answer:
+        """Continue the code: before + canvas; the output is cut at the first end token."""
+        return self.infill(before, "", opts, callback=callback, task="complete")
+
+    def infill(self, before: str, after: str, opts: Options = Options(), lengths: list[int] | None = None,
+               callback: Callable[[Step], str | None] | None = None, task: str = "infill") -> Answer:
+        """The middle between `before` and `after`.
+
+        Length strategy: end tokens the model places inside the canvas shrink it (the middle is
+        cut at the first one). With `lengths`, each canvas size is tried and the most confident
+        result kept, by mean log-probability per kept token (the first end token counts as one:
+        the decision to stop); the mean, not the sum, so longer canvases are not penalised.
+        """
+        sizes = sorted(set(lengths)) if lengths else [opts.max_new_tokens]
+        for n in sizes:
+            self._check_canvas(n)
+        b, a = self._context(before, after)
+        best, candidates = None, []
+        for n in sizes:
+            ids, start = self._layout(task, b, [self.ckpt.mask_id] * n, a)
+            result = self._run(ids, opts, n, callback)
+            region = result.x[0, start:start + n].tolist()
+            lp = result.logprob[0, start:start + n].tolist()
+            keep = self._cut(region)
+            scored = lp[:keep + 1] if keep < n else lp[:keep]
+            cand = Candidate(length=n, text=self.tok.decode(region[:keep], skip_special=True),
+                             score=_score([v for v in scored if not math.isnan(v)]))
+            candidates.append(cand)
+            if best is None or cand.score > best[0].score:
+                best = (cand, region[:keep], [math.exp(v) if not math.isnan(v) else 1.0 for v in lp[:keep]], result)
+        cand, region, conf, result = best
+        return self._answer(region, conf, result, candidates if len(sizes) > 1 else ())
+
+    @torch.inference_mode()
+    def score(self, before: list[int], span: list[int], after: list[int], task: str = "refine",
+              groups: int = 4) -> list[float]:
+        """Log-probability of each span token as the model predicts it with a share of the span
+        masked: pass j masks the tokens whose index is j modulo `groups`, so every token is
+        scored while most of its neighbours are visible. The passes run as one batch."""
+        n = len(span)
+        groups = max(1, min(groups, n))
+        ids, start = self._layout(task, before, span, after)
+        self._check_sequence(len(ids))
+        x = torch.tensor([ids] * groups, device=self.ckpt.device)
+        index = torch.arange(n, device=x.device)
+        for j in range(groups):
+            x[j, start + index[index % groups == j]] = self.ckpt.mask_id
+        positions = start + index.view(1, n).expand(groups, n)
+        logits = self.ckpt.network(x, predict_positions=positions).logits  # (G, n, V)
+        lp = torch.log_softmax(logits, dim=-1).gather(
+            -1, torch.tensor(span, device=x.device).view(1, n, 1).expand(groups, n, 1)).squeeze(-1)
+        return lp[index % groups, index].tolist()
+
+    def refine(self, before: str, span: str, after: str, opts: Options = Options(), fraction: float = 0.3,
+               callback: Callable[[Step], str | None] | None = None) -> Answer:
+        """Rewrite `span` in place: score its tokens, re-mask the least confident `fraction`,
+        denoise them again. End tokens revealed inside the span delete that position. Only the
+        span changes; confidence is per token of the new span."""
+        if not 0 < fraction <= 1:
+            raise InputError(f"fraction must be in (0, 1], got {fraction}")
+        s = self.tok.encode(span)
+        if not s:
+            raise InputError("the span to refine is empty")
+        self._check_canvas(len(s))
+        b, a = self._context(before, after)
+        lp = self.score(b, s, a)
+        k = max(1, round(fraction * len(s)))
+        remask = sorted(range(len(s)), key=lambda i: lp[i])[:k]
+        canvas = list(s)
+        for i in remask:
+            canvas[i] = self.ckpt.mask_id
+        ids, start = self._layout("refine", b, canvas, a)
+        result = self._run(ids, replace(opts, max_new_tokens=k, steps=opts.steps and min(opts.steps, k)),
+                           k, callback)
+        region = result.x[0, start:start + len(s)].tolist()
+        new_lp = result.logprob[0, start:start + len(s)].tolist()
+        redone = set(remask)
+        ids_out, conf = [], []
+        for i, t in enumerate(region):
+            if t in self.end_ids:
+                continue
+            ids_out.append(t)
+            conf.append(math.exp(new_lp[i] if i in redone else lp[i]))
+        if ids_out == s:  # unchanged: hand back the caller's exact text
+            ans = self._answer(ids_out, conf, result)
+            ans.text = span
+            return ans
+        return self._answer(ids_out, conf, result)
+
+
+def locate(text: str, line: int, column: int) -> int:
+    """Character offset of a 1-based (line, column) in text; the column may be one past the
+    line's last character (the end of the line)."""
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        raise InputError(f"line {line} is outside the file, which has {len(lines)} lines")
+    content = lines[line - 1].removesuffix("\r")
+    if not 1 <= column <= len(content) + 1:
+        raise InputError(f"column {column} is outside line {line}, which has {len(content)} "
+                         f"characters (columns 1..{len(content) + 1})")
+    return sum(len(l) + 1 for l in lines[:line - 1]) + column - 1
+
+
+def line_span(text: str, first: int, last: int) -> tuple[int, int]:
+    """Character offsets [start, end) of lines first..last (1-based, inclusive), without the
+    last line's newline."""
+    n = len(text.split("\n"))
+    if not 1 <= first <= last <= n:
+        raise InputError(f"lines {first}-{last} are outside the file, which has {n} lines "
+                         f"(need 1 <= A <= B <= {n})")
+    start = locate(text, first, 1)
+    end = locate(text, last, 1) + len(text.split("\n")[last - 1].removesuffix("\r"))
+    return start, end

@@ -1,0 +1,3 @@
+from diffucode.cli import main
+
+raise SystemExit(main())

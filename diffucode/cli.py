@@ -1,0 +1,243 @@
+"""The `diffucode` command: headless use and scripting.
+
+    diffucode generate --model DIR --input-ids 5,17,99 --max-new-tokens N --steps S --json
+    diffucode infill   --model DIR FILE --line L --column C
+    diffucode refine   --model DIR FILE --lines A-B
+    diffucode pull     HUB_ID
+
+Heavy imports (torch) happen inside the commands, so `--help` is instant. Errors the user can
+fix print one line on stderr and exit with status 2; the file given is never written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _model_options(p: argparse.ArgumentParser, tokenizer_note: str = "") -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True,
+                   help="checkpoint directory (config.json, safetensors, tokenizer files) or a hub id "
+                        "already in the local Hugging Face cache (see `diffucode pull`)" + tokenizer_note)
+    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
+    g.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16")
+
+
+def _sampler_options(p: argparse.ArgumentParser, default_alg: str, tokens_help: str) -> None:
+    g = p.add_argument_group("sampling (the reference sampler's options)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=32, help=tokens_help)
+    g.add_argument("--steps", type=_positive_int, default=None,
+                   help="denoising steps; default: one per canvas token (the most careful setting)")
+    g.add_argument("--alg", default=default_alg, choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
+                   help="order in which masked positions are revealed: origin (random), maskgit_plus "
+                        "(most probable first), topk_margin (largest top1-top2 margin first), entropy "
+                        f"(lowest entropy first; recommended for DiffuCoder). Default {default_alg}")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus filtering, in (0, 1]")
+    g.add_argument("--top-k", type=_positive_int, default=None, help="keep the k most probable tokens")
+    g.add_argument("--alg-temp", type=float, default=0.0,
+                   help="> 0 samples which positions to reveal from softmax(confidence / alg_temp)")
+    g.add_argument("--eps", type=float, default=1e-3, help="final time of the reveal schedule (default 1e-3)")
+    g.add_argument("--seed", type=int, default=0, help="random seed; the same seed reproduces a sample")
+
+
+def _task_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "raw", "chatml"],
+                   help="raw code (Base checkpoints) or ChatML (Instruct/cpGRPO); auto detects it "
+                        "from the tokenizer (<|dlm_pad|> is only in Instruct/cpGRPO)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffucode", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="denoise from token ids, like the reference diffusion_generate",
+                       description="Denoise a prompt of token ids followed by --max-new-tokens masks, "
+                                   "exactly as the reference diffusion_generate does. Works on a "
+                                   "checkpoint without tokenizer files.")
+    _model_options(p, "; tokenizer files are not needed")
+    p.add_argument("--input-ids", required=True, help="prompt token ids, comma-separated: 5,17,99")
+    _sampler_options(p, "origin", "masks after the prompt (default 32)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"output_ids": prompt + canvas, "history": the sequence after each step}')
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("infill", help="print the middle for a cursor in a file",
+                       description="Fill the code at the cursor (line L, column C, both 1-based), "
+                                   "conditioned on the code before and after it. Prints the middle; "
+                                   "the file is not written.")
+    _model_options(p)
+    p.add_argument("file", type=Path, help="the source file")
+    p.add_argument("--line", type=_positive_int, required=True, help="cursor line, 1-based")
+    p.add_argument("--column", type=_positive_int, required=True,
+                   help="cursor column, 1-based, in characters; one past the end of the line is allowed")
+    p.add_argument("--lengths", default=None,
+                   help="try these canvas sizes (comma-separated, e.g. 8,16,32) and keep the most "
+                        "confident; default: only --max-new-tokens")
+    _sampler_options(p, "entropy", "canvas size (default 32); end tokens inside it shrink the middle")
+    _task_options(p)
+    p.set_defaults(run=cmd_infill)
+
+    p = sub.add_parser("refine", help="rewrite lines in place; print a unified diff",
+                       description="Score the tokens of lines A-B with the model, re-mask the least "
+                                   "confident fraction and denoise them again. Prints a unified diff; "
+                                   "the file is not written, and nothing outside the lines changes.")
+    _model_options(p)
+    p.add_argument("file", type=Path, help="the source file")
+    p.add_argument("--lines", required=True, help="A-B, 1-based and inclusive (e.g. 3-10)")
+    p.add_argument("--fraction", type=float, default=0.3,
+                   help="share of the span's tokens to re-mask, in (0, 1] (default 0.3)")
+    _sampler_options(p, "entropy", "unused for refine (the canvas is the re-masked tokens)")
+    _task_options(p)
+    p.set_defaults(run=cmd_refine)
+
+    p = sub.add_parser("pull", help="download a checkpoint from the Hugging Face hub (the only network use)",
+                       description="Download configs, safetensors and tokenizer files (never code or "
+                                   "pickles) of a hub checkpoint into the local Hugging Face cache.")
+    p.add_argument("hub_id", help="e.g. apple/DiffuCoder-7B-cpGRPO")
+    p.add_argument("--revision", default=None, help="branch, tag or commit")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory (default: HF_HOME's)")
+    p.set_defaults(run=cmd_pull)
+    return parser
+
+
+def _sampler_args(args):
+    from diffucode.daemon.tasks import Options
+
+    return Options(max_new_tokens=args.max_new_tokens, steps=args.steps, alg=args.alg,
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   alg_temp=args.alg_temp, eps=args.eps, seed=args.seed)
+
+
+def _read(path: Path) -> str:
+    from diffucode.daemon.errors import InputError
+
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e})")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from diffucode.daemon.checkpoint import load_checkpoint
+    from diffucode.daemon.errors import InputError
+    from diffucode.daemon.sampler import generate
+
+    try:
+        ids = [int(t) for t in args.input_ids.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise InputError(f"--input-ids {args.input_ids!r}: expected comma-separated integers")
+    ckpt = load_checkpoint(args.model, args.device, args.dtype, require_tokenizer=False)
+    bad = [i for i in ids if not 0 <= i < ckpt.config.vocab_size]
+    if not ids or bad:
+        raise InputError(f"--input-ids: need at least one id, each in 0..{ckpt.config.vocab_size - 1}"
+                         + (f"; got {bad[:5]}" if bad else ""))
+    if len(ids) + args.max_new_tokens > ckpt.config.max_position_embeddings:
+        raise InputError(f"sequence of {len(ids) + args.max_new_tokens} tokens exceeds the model's "
+                         f"{ckpt.config.max_position_embeddings} positions")
+    opts = _sampler_args(args)
+    gen = torch.Generator(device=ckpt.device).manual_seed(args.seed)
+    result = generate(ckpt.network, torch.tensor([ids], device=ckpt.device), args.max_new_tokens,
+                      ckpt.mask_id, opts.sampler(args.max_new_tokens), generator=gen,
+                      keep_history=args.json)
+    out = result.x[0].tolist()
+    if args.json:
+        print(json.dumps({"output_ids": out, "history": [h[0].tolist() for h in result.history]}))
+    else:
+        print(",".join(map(str, out)))
+    return 0
+
+
+def cmd_infill(args) -> int:
+    from diffucode.daemon.checkpoint import load_checkpoint
+    from diffucode.daemon.errors import InputError
+    from diffucode.daemon.tasks import Tasks, locate
+
+    text = _read(args.file)
+    offset = locate(text, args.line, args.column)
+    lengths = None
+    if args.lengths:
+        try:
+            lengths = [int(v) for v in args.lengths.split(",")]
+        except ValueError:
+            raise InputError(f"--lengths {args.lengths!r}: expected comma-separated integers")
+    tasks = Tasks(load_checkpoint(args.model, args.device, args.dtype), args.prompt_format)
+    ans = tasks.infill(text[:offset], text[offset:], _sampler_args(args), lengths=lengths)
+    if args.json:
+        print(json.dumps({"middle": ans.text, "line": args.line, "column": args.column,
+                          "tokens": ans.tokens, "confidence": ans.confidence,
+                          "steps": ans.steps_run, "prompt_format": tasks.prompt_format,
+                          "candidates": [vars(c) for c in ans.candidates]}))
+    else:
+        sys.stdout.write(ans.text + ("" if ans.text.endswith("\n") else "\n"))
+    return 0
+
+
+def _lines(text: str) -> list[str]:
+    """Lines ending at "\n" only (str.splitlines also splits at "\r", form feeds and more)."""
+    return [line for line in re.split(r"(?<=\n)", text) if line]
+
+
+def cmd_refine(args) -> int:
+    import difflib
+
+    from diffucode.daemon.checkpoint import load_checkpoint
+    from diffucode.daemon.errors import InputError
+    from diffucode.daemon.tasks import Tasks, line_span
+
+    try:
+        first, last = (int(v) for v in args.lines.split("-"))
+    except ValueError:
+        raise InputError(f"--lines {args.lines!r}: expected A-B, e.g. 3-10")
+    text = _read(args.file)
+    start, end = line_span(text, first, last)
+    tasks = Tasks(load_checkpoint(args.model, args.device, args.dtype), args.prompt_format)
+    ans = tasks.refine(text[:start], text[start:end], text[end:], _sampler_args(args), fraction=args.fraction)
+    new_text = text[:start] + ans.text + text[end:]
+    name = str(args.file)
+    diff = "".join(difflib.unified_diff(_lines(text), _lines(new_text), f"a/{name}", f"b/{name}"))
+    if args.json:
+        print(json.dumps({"text": ans.text, "diff": diff, "lines": [first, last], "tokens": ans.tokens,
+                          "confidence": ans.confidence, "prompt_format": tasks.prompt_format}))
+    else:
+        sys.stdout.write(diff)
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from diffucode.daemon.checkpoint import pull
+
+    path = pull(args.hub_id, revision=args.revision, cache_dir=args.cache_dir)
+    print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from diffucode.daemon.errors import DiffucodeError
+
+    try:
+        return args.run(args)
+    except DiffucodeError as e:
+        print(f"diffucode {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,1 @@
+"""The diffucode language server (pygls). Importing it must not import torch."""
