@@ -54,6 +54,14 @@ class DreamConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DreamConfig":
+        d = dict(d)
+        if d.get("num_key_value_heads") is None and "num_attention_heads" in d:
+            d["num_key_value_heads"] = d["num_attention_heads"]  # as the reference DreamConfig does
+        # transformers 5 writes rope settings as rope_parameters {"rope_type", "rope_theta"}
+        rope = d.get("rope_parameters") or (d.get("rope_scaling") if isinstance(d.get("rope_scaling"), dict) else None)
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            d.setdefault("rope_theta", rope["rope_theta"])
+            d["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"} or None
         names = {f.name for f in fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         return cls(**known, extra={k: v for k, v in d.items() if k not in names})

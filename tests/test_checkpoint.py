@@ -148,3 +148,20 @@ def test_bad_device_and_dtype(tiny_dir):
     if not torch.cuda.is_available():
         with pytest.raises(CheckpointError, match="CUDA is not available"):
             load_checkpoint(tiny_dir, device="cuda")
+
+
+def test_config_written_by_newer_transformers_loads(copy_of):
+    """transformers 5 writes rope settings as rope_parameters and may leave out defaults."""
+    d = copy_of()
+    cfg = json.loads((d / "config.json").read_text())
+    theta = cfg.pop("rope_theta")
+    cfg.pop("rope_scaling")
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    cfg["dtype"] = cfg.pop("torch_dtype")
+    (d / "config.json").write_text(json.dumps(cfg))
+    ckpt = load_checkpoint(d, device="cpu")
+    assert ckpt.config.rope_theta == theta and ckpt.config.rope_scaling == {"rope_type": "default"}
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": theta, "factor": 4.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="rope_scaling.*yarn.*not supported"):
+        load_checkpoint(d, device="cpu")
