@@ -17,5 +17,9 @@ class InputError(DiffucodeError):
     """A request is malformed: a cursor outside the file, a canvas over the limit, a bad option."""
 
 
+class TooLarge(InputError):
+    """A request is over a limit: canvas tokens, sequence length, frame size."""
+
+
 class Cancelled(DiffucodeError):
     """The per-step callback cancelled a request between denoising steps."""

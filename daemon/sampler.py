@@ -62,6 +62,7 @@ class Step:
     x: torch.Tensor  # (B, N) the canvas after this step; do not modify
     revealed: torch.Tensor  # (B, N) bool, positions revealed in this step
     masks_left: int
+    text: str | None = None  # the region as text, masks shown as "░"; filled in by the tasks layer
 
 
 @dataclass

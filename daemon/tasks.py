@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import InputError
+from .errors import InputError, TooLarge
 from .sampler import Result, SamplerConfig, Step, denoise
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -125,19 +125,38 @@ class Tasks:
         if n < 1:
             raise InputError(f"the canvas needs at least 1 token, got {n}")
         if n > self.limits.max_canvas_tokens:
-            raise InputError(f"canvas of {n} tokens exceeds the limit of {self.limits.max_canvas_tokens}")
+            raise TooLarge(f"canvas of {n} tokens exceeds the limit of {self.limits.max_canvas_tokens}")
 
     def _check_sequence(self, n: int) -> None:
         limit = self.ckpt.config.max_position_embeddings
         if n > limit:
-            raise InputError(f"sequence of {n} tokens exceeds the model's {limit} positions")
+            raise TooLarge(f"sequence of {n} tokens exceeds the model's {limit} positions")
 
-    def _run(self, ids: list[int], opts: Options, canvas: int, callback) -> Result:
+    def _run(self, ids: list[int], opts: Options, canvas: int, callback, region: slice) -> Result:
         self._check_sequence(len(ids))
         x = torch.tensor([ids], device=self.ckpt.device)
         gen = torch.Generator(device=self.ckpt.device).manual_seed(opts.seed)
+
+        def with_text(step: Step):
+            step.text = self._preview(step.x[0, region].tolist())
+            return callback(step)
+
         return denoise(self.ckpt.network, x, self.ckpt.mask_id, opts.sampler(canvas),
-                       generator=gen, callback=callback)
+                       generator=gen, callback=with_text if callback else None)
+
+    def _preview(self, region: list[int]) -> str:
+        """The partial canvas as text: revealed runs decoded, each mask shown as ░."""
+        out, run = [], []
+        for t in region + [None]:
+            if t is not None and t != self.ckpt.mask_id:
+                run.append(t)
+                continue
+            if run:
+                out.append(self.tok.decode(run, skip_special=True))
+                run = []
+            if t is not None:
+                out.append("\u2591")
+        return "".join(out)
 
     def _cut(self, ids: list[int]) -> int:
         """Number of tokens before the first end token."""
@@ -172,7 +191,7 @@ class Tasks:
         best, candidates = None, []
         for n in sizes:
             ids, start = self._layout(task, b, [self.ckpt.mask_id] * n, a)
-            result = self._run(ids, opts, n, callback)
+            result = self._run(ids, opts, n, callback, slice(start, start + n))
             region = result.x[0, start:start + n].tolist()
             lp = result.logprob[0, start:start + n].tolist()
             keep = self._cut(region)
@@ -225,7 +244,7 @@ class Tasks:
             canvas[i] = self.ckpt.mask_id
         ids, start = self._layout("refine", b, canvas, a)
         result = self._run(ids, replace(opts, max_new_tokens=k, steps=opts.steps and min(opts.steps, k)),
-                           k, callback)
+                           k, callback, slice(start, start + len(s)))
         region = result.x[0, start:start + len(s)].tolist()
         new_lp = result.logprob[0, start:start + len(s)].tolist()
         redone = set(remask)

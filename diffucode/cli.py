@@ -3,6 +3,8 @@
     diffucode generate --model DIR --input-ids 5,17,99 --max-new-tokens N --steps S --json
     diffucode infill   --model DIR FILE --line L --column C
     diffucode refine   --model DIR FILE --lines A-B
+    diffucode serve    --model DIR [--socket PATH | --tcp 127.0.0.1:PORT]
+    diffucode status
     diffucode pull     HUB_ID
 
 Heavy imports (torch) happen inside the commands, so `--help` is instant. Errors the user can
@@ -63,6 +65,24 @@ def _task_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
+def _address_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("address (default: a Unix socket in $XDG_RUNTIME_DIR/diffucode)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--socket", type=Path, default=None, help="Unix socket path (created 0600)")
+    x.add_argument("--tcp", default=None, metavar="HOST:PORT",
+                   help="loopback TCP instead, e.g. 127.0.0.1:7777; clients need the token")
+    g.add_argument("--token-file", type=Path, default=None,
+                   help="with --tcp: the file holding the token (written 0600 by serve)")
+
+
+def _address(args):
+    from diffucode.daemon.address import Address, default_address, tcp_address
+
+    if args.tcp:
+        return tcp_address(args.tcp, args.token_file)
+    return Address(socket=args.socket.expanduser().absolute()) if args.socket else default_address()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffucode", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -106,6 +126,33 @@ def build_parser() -> argparse.ArgumentParser:
     _sampler_options(p, "entropy", "unused for refine (the canvas is the re-masked tokens)")
     _task_options(p)
     p.set_defaults(run=cmd_refine)
+
+    p = sub.add_parser("serve", help="run the model daemon in the foreground (logs on stderr)",
+                       description="Serve one model to every editor window of this machine over "
+                                   "msgpack-rpc on a local socket. Logs go to stderr.")
+    _model_options(p)
+    _address_options(p)
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "raw", "chatml"],
+                   help="raw code (Base) or ChatML (Instruct/cpGRPO); auto detects it")
+    p.add_argument("--replace", action="store_true",
+                   help="if a daemon already serves this address, shut it down and take over")
+    p.add_argument("--max-queue", type=_positive_int, default=16, help="pending requests before OVERLOADED (16)")
+    p.add_argument("--max-frame-bytes", type=_positive_int, default=8 * 1024 * 1024,
+                   help="largest accepted message in bytes (8 MiB)")
+    p.add_argument("--max-canvas-tokens", type=_positive_int, default=1024,
+                   help="most masks in one request (1024)")
+    p.add_argument("--max-context-tokens", type=_positive_int, default=4096,
+                   help="code before + after sent to the model; the rest is cut (4096)")
+    p.add_argument("--no-watch", action="store_true", help="do not reload when the model's files change")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING; or env DIFFUCODE_LOG")
+    p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("status", help="print the running daemon's status",
+                       description="Ask the daemon at the address for its status. Exit status 1 "
+                                   "when no daemon answers.")
+    _address_options(p)
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(run=cmd_status)
 
     p = sub.add_parser("pull", help="download a checkpoint from the Hugging Face hub (the only network use)",
                        description="Download configs, safetensors and tokenizer files (never code or "
@@ -221,6 +268,41 @@ def cmd_refine(args) -> int:
                           "confidence": ans.confidence, "prompt_format": tasks.prompt_format}))
     else:
         sys.stdout.write(diff)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from diffucode.daemon.service import serve
+
+    return serve(args, _address(args))
+
+
+def cmd_status(args) -> int:
+    import asyncio
+
+    from diffucode.daemon.server import probe
+
+    address = _address(args)
+    status = asyncio.run(probe(address, timeout=5.0))
+    if status is None:
+        print(f"no daemon is listening at {address}", file=sys.stderr)
+        return 1
+    if "error" in status:
+        print(f"the daemon at {address} did not give its status: {status['error']}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    mem = status["memory"]
+    queue, counters, reload = status["queue"], status["counters"], status["reload"]
+    print(f"daemon at {address} (pid {status['limits']['pid']}, diffucode {status['version']}), "
+          f"up {status['uptime_s']:.0f} s")
+    print(f"model:   {status['model']} on {status['device']}, {status['dtype']}, "
+          f"quantization {status['quantization']}, weights {mem['weights'] / 2**20:.1f} MiB")
+    print(f"queue:   {queue['running']} running, {queue['pending']} pending (limit {queue['limit']})")
+    print(f"served:  {counters['completed']} completed, {counters['cancelled']} cancelled, "
+          f"{counters['failed']} failed")
+    print(f"reload:  {reload['state']}" + (f" ({reload['error']})" if reload.get("error") else ""))
     return 0
 
 

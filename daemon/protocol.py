@@ -1,0 +1,226 @@
+"""The daemon's wire protocol: msgpack-rpc framing, methods, typed params and results, errors.
+
+One module, imported by both sides (the daemon and the language server's client); it must not
+import torch. Framing is msgpack-rpc:
+
+    request       [0, id, method, params]      client -> daemon, id an int
+    response      [1, id, error, result]       daemon -> client, error None or an Error map
+    notification  [2, method, params]          either way
+
+Methods (direction, params, result, errors):
+
+    auth      client -> daemon, request. {token}. Result {"ok": true}. The first message on a
+              TCP connection; anything else first is refused with UNAUTHORIZED and the
+              connection closed. Unix sockets need no token (the socket file is 0600).
+    status    client -> daemon, request. {}. Result Status.
+    complete  client -> daemon, request. CompleteParams. Result TaskResult.
+    infill    client -> daemon, request. InfillParams. Result TaskResult.
+    refine    client -> daemon, request. RefineParams. Result TaskResult.
+              Errors for the three: INVALID_PARAMS, TOO_LARGE (canvas, sequence), CANCELLED
+              (by `cancel`, by a newer request of the same group, or the client went away),
+              OVERLOADED (queue full), MODEL_ERROR.
+    cancel    client -> daemon, notification. {id}: the request id on this connection.
+    shutdown  client -> daemon, request. {}. Result {"ok": true}; then the daemon exits.
+    progress  daemon -> client, notification, for requests sent with progress=true:
+              {id, step, steps, masks_left, text} with the region's partial canvas as text.
+
+Every error is {"code": int, "name": str, "message": str, "data": map}; messages carry the
+values ("canvas of 9000 tokens exceeds the limit of 1024").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+
+REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
+PROTOCOL_VERSION = 1
+
+
+class ErrorCode(enum.IntEnum):
+    INVALID_PARAMS = 1
+    TOO_LARGE = 2
+    CANCELLED = 3
+    OVERLOADED = 4
+    MODEL_ERROR = 5
+    INTERNAL = 6
+    METHOD_NOT_FOUND = 7
+    UNAUTHORIZED = 8
+    INVALID_FRAME = 9
+
+
+class RPCError(Exception):
+    """An error reply, on either side of the wire."""
+
+    def __init__(self, code: ErrorCode, message: str, data: dict | None = None):
+        super().__init__(message)
+        self.code, self.message, self.data = ErrorCode(code), message, data or {}
+
+    def to_wire(self) -> dict:
+        return {"code": int(self.code), "name": self.code.name, "message": self.message, "data": self.data}
+
+    @classmethod
+    def from_wire(cls, err) -> "RPCError":
+        if not isinstance(err, dict):
+            return cls(ErrorCode.INTERNAL, f"malformed error reply: {err!r}")
+        try:
+            code = ErrorCode(err.get("code"))
+        except ValueError:
+            code = ErrorCode.INTERNAL
+        return cls(code, str(err.get("message", "")), err.get("data") or {})
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+# --- parameters -------------------------------------------------------------------------------
+
+@dataclass
+class Sampling:
+    """Sampler options shared by the task methods (see daemon/sampler.py)."""
+
+    max_new_tokens: int = 32
+    steps: int | None = None
+    alg: str = "entropy"
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    alg_temp: float | None = 0.0
+    seed: int = 0
+
+
+@dataclass
+class Request:
+    """Scheduling fields every task request has."""
+
+    group: str | None = None  # a newer request of the same group cancels this one
+    deadline_ms: int | None = None  # answer within this time: remaining masks filled in one step
+    progress: bool = False  # send progress notifications with the partial canvas
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass
+class CompleteParams(Request):
+    before: str = ""
+
+
+@dataclass
+class InfillParams(Request):
+    before: str = ""
+    after: str = ""
+    lengths: list[int] | None = None  # try these canvas sizes, keep the most confident
+
+
+@dataclass
+class RefineParams(Request):
+    before: str = ""
+    span: str = ""
+    after: str = ""
+    fraction: float = 0.3
+
+
+@dataclass
+class CancelParams:
+    id: int = 0
+
+
+@dataclass
+class AuthParams:
+    token: str = ""
+
+
+# --- results ----------------------------------------------------------------------------------
+
+@dataclass
+class TaskResult:
+    text: str
+    tokens: list[str]
+    confidence: list[float]
+    steps: int  # denoising steps run
+    finished_early: bool  # the deadline cut the schedule short
+    elapsed_ms: float
+    queued_ms: float
+    candidates: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Status:
+    version: str
+    protocol: int
+    model: str
+    device: str
+    dtype: str
+    quantization: str
+    memory: dict  # bytes: {"weights": n, "rss": n, "cuda_allocated": n?}
+    queue: dict  # {"pending": n, "running": n, "limit": n}
+    counters: dict  # {"completed": n, "cancelled": n, "failed": n}
+    uptime_s: float
+    reload: dict  # {"state": "idle" | "loading" | "ok" | "failed", "error": str | None, "at": ts}
+    limits: dict
+
+
+METHODS: dict[str, type | None] = {
+    "auth": AuthParams,
+    "status": None,
+    "complete": CompleteParams,
+    "infill": InfillParams,
+    "refine": RefineParams,
+    "shutdown": None,
+}
+TASK_METHODS = ("complete", "infill", "refine")
+
+
+def _check(value, tp, where: str):
+    """Validate one value against a type annotation; returns the (converted) value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, where)
+            except RPCError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise RPCError(ErrorCode.INVALID_PARAMS, f"{where} must be a list, got {value!r}")
+        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_wire(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is dict and isinstance(value, dict):
+        return value
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
+        raise RPCError(ErrorCode.INVALID_PARAMS, f"{where} must be {tp.__name__}, got {shown}")
+    return value
+
+
+def from_wire(cls, params, where: str = "params"):
+    """Build a params dataclass from a msgpack map, naming any bad field and its value."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise RPCError(ErrorCode.INVALID_PARAMS, f"{where} must be a map, got {type(params).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in params if k not in names]
+    if unknown:
+        raise RPCError(ErrorCode.INVALID_PARAMS,
+                       f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    values = {k: _check(v, hints[k], f"{where}.{k}") for k, v in params.items()}
+    return cls(**values)
+
+
+def to_wire(obj) -> dict:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,315 @@
+"""The daemon's server: one model per machine, served over msgpack-rpc to every editor window.
+
+Listens on a Unix socket (directory 0700, socket 0600) or on loopback TCP with a token. Reads
+frames with a streaming msgpack Unpacker, checks them, and hands task requests to the
+scheduler; answers `status` itself. A bad frame gets an error reply, or closes that one
+connection when the stream cannot be trusted any more; no client can take the daemon down or
+disturb the others. Knows messages and limits; the model runs in the scheduler's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import reprlib
+import resource
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from .address import Address, write_token
+from .errors import InputError
+from .protocol import (METHODS, NOTIFICATION, PROTOCOL_VERSION, REQUEST, RESPONSE, TASK_METHODS,
+                       CancelParams, ErrorCode, RPCError, Status, from_wire, to_wire)
+from .scheduler import Scheduler
+
+log = logging.getLogger("diffucode.server")
+
+
+@dataclass
+class ServerLimits:
+    max_frame_bytes: int = 8 * 1024 * 1024  # one message
+    max_queue: int = 16  # pending task requests, all clients together
+    max_connections: int = 64
+
+
+class Connection:
+    """One client: its writer, its requests in flight (for `cancel` and for cleanup)."""
+
+    def __init__(self, server: "DaemonServer", reader, writer, needs_auth: bool):
+        self.server, self.reader, self.writer = server, reader, writer
+        self.authenticated = not needs_auth
+        self.jobs: dict[int, object] = {}  # request id -> scheduler Job
+        self.name = f"client-{id(self) & 0xffff:04x}"
+
+    def send(self, message) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(msgpack.packb(message, use_bin_type=True))
+
+    def reply(self, msgid, error: RPCError | None, result=None) -> None:
+        self.send([RESPONSE, msgid, error.to_wire() if error else None, result])
+
+    async def serve(self) -> None:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=self.server.limits.max_frame_bytes,
+                                    strict_map_key=False)
+        try:
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    return
+                try:
+                    unpacker.feed(data)
+                except msgpack.BufferFull:
+                    self.reply(None, RPCError(ErrorCode.TOO_LARGE, f"frame exceeds the limit of "
+                                              f"{self.server.limits.max_frame_bytes} bytes; closing"))
+                    return
+                while True:
+                    try:
+                        message = next(unpacker)
+                    except StopIteration:
+                        break
+                    except Exception as e:  # FormatError, StackError, unhashable map keys, ...
+                        # the byte stream is no longer trustworthy: answer, then close this connection
+                        self.reply(None, RPCError(ErrorCode.INVALID_FRAME, f"undecodable msgpack ({e}); closing"))
+                        return
+                    if not await self.handle(message):
+                        return
+                await self.writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            for job in self.jobs.values():
+                job.cancel("the client disconnected")
+            self.writer.close()
+
+    async def handle(self, message) -> bool:
+        """Dispatch one decoded message; False closes the connection."""
+        if not isinstance(message, (list, tuple)) or not message:
+            self.reply(None, RPCError(ErrorCode.INVALID_FRAME, f"expected an array [type, ...], got {short(message)}"))
+            return True
+        kind = message[0]
+        if kind == REQUEST and len(message) == 4:
+            _, msgid, method, params = message
+            if not isinstance(msgid, int) or isinstance(msgid, bool) or not isinstance(method, str):
+                self.reply(msgid if isinstance(msgid, int) else None, RPCError(
+                    ErrorCode.INVALID_FRAME, f"request needs an integer id and a string method, got "
+                                             f"{short(msgid)} and {short(method)}"))
+                return True
+            if not self.authenticated:
+                if method == "auth" and self.server.check_token(params):
+                    self.authenticated = True
+                    self.reply(msgid, None, {"ok": True})
+                    return True
+                self.reply(msgid, RPCError(ErrorCode.UNAUTHORIZED, "this TCP connection must first send "
+                                                                   "`auth` with the daemon's token"))
+                await self.writer.drain()
+                return False
+            await self.request(msgid, method, params)
+            return True
+        if kind == NOTIFICATION and len(message) == 3:
+            if not self.authenticated:
+                return False
+            _, method, params = message
+            if method == "cancel":
+                try:
+                    p = from_wire(CancelParams, params)
+                except RPCError as e:
+                    log.warning("%s: bad cancel: %s", self.name, e)
+                    return True
+                job = self.jobs.get(p.id)
+                if job is not None:
+                    job.cancel(f"cancelled by the client (request {p.id})")
+            return True
+        self.reply(None, RPCError(ErrorCode.INVALID_FRAME,
+                                  f"expected [0, id, method, params] or [2, method, params], got {short(message)}"))
+        return True
+
+    async def request(self, msgid: int, method: str, params) -> None:
+        if method not in METHODS:
+            self.reply(msgid, RPCError(ErrorCode.METHOD_NOT_FOUND, f"unknown method {short(method)} "
+                                                                   f"(known: {', '.join(METHODS)})"))
+            return
+        if method == "auth":
+            self.reply(msgid, None, {"ok": True})
+        elif method == "status":
+            self.reply(msgid, None, to_wire(self.server.status()))
+        elif method == "shutdown":
+            self.reply(msgid, None, {"ok": True})
+            await self.writer.drain()
+            self.server.request_shutdown()
+        elif method in TASK_METHODS:
+            if msgid in self.jobs:
+                self.reply(msgid, RPCError(ErrorCode.INVALID_PARAMS, f"request id {msgid} is already in flight"))
+                return
+            try:
+                p = from_wire(METHODS[method], params)
+                job = self.server.scheduler.submit(
+                    method, p, on_progress=self._progress(msgid) if p.progress else None)
+            except RPCError as e:
+                self.reply(msgid, e)
+                return
+            self.jobs[msgid] = job
+            job.future.add_done_callback(lambda fut: self._done(msgid, fut))
+
+    def _progress(self, msgid: int):
+        def send(update: dict) -> None:
+            self.send([NOTIFICATION, "progress", {"id": msgid, **update}])
+        return send
+
+    def _done(self, msgid: int, fut: asyncio.Future) -> None:
+        self.jobs.pop(msgid, None)
+        if fut.cancelled():
+            return
+        err = fut.exception()
+        if err is not None:
+            self.reply(msgid, err if isinstance(err, RPCError) else RPCError(ErrorCode.INTERNAL, str(err)))
+        else:
+            self.reply(msgid, None, to_wire(fut.result()))
+
+
+def short(value) -> str:
+    """A bounded repr for error messages (a frame may hold megabytes)."""
+    return _repr.repr(value)
+
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 40
+_repr.maxlist = _repr.maxdict = 4
+_repr.maxlevel = 2
+
+
+class DaemonServer:
+    def __init__(self, model_state, address: Address, limits: ServerLimits | None = None):
+        self.model = model_state  # ModelState: the current Tasks, its description, reload state
+        self.address = address
+        self.limits = limits or ServerLimits()
+        self.scheduler = Scheduler(lambda: self.model.tasks, self.limits.max_queue)
+        self.started = time.time()
+        self.connections: set[Connection] = set()
+        self._token: str | None = None
+        self._stopped = asyncio.Event()
+        self._server: asyncio.base_events.Server | None = None
+
+    def check_token(self, params) -> bool:
+        token = params.get("token") if isinstance(params, dict) else None
+        return isinstance(token, str) and self._token is not None and hmac.compare_digest(token, self._token)
+
+    async def start(self) -> None:
+        if self.address.is_tcp:
+            self._token = write_token(self.address.token_file)
+            self._server = await asyncio.start_server(self._accept, self.address.host, self.address.port)
+            log.info("listening on %s (token in %s)", self.address, self.address.token_file)
+        else:
+            path = self.address.socket
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            old = os.umask(0o177)  # the socket is created 0600: no window where others can connect
+            try:
+                self._server = await asyncio.start_unix_server(self._accept, path=str(path))
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+            log.info("listening on %s", path)
+
+    async def _accept(self, reader, writer) -> None:
+        if len(self.connections) >= self.limits.max_connections:
+            conn = Connection(self, reader, writer, needs_auth=False)
+            conn.reply(None, RPCError(ErrorCode.OVERLOADED, f"{len(self.connections)} connections is the "
+                                                            f"limit of {self.limits.max_connections}"))
+            writer.close()
+            return
+        conn = Connection(self, reader, writer, needs_auth=self.address.is_tcp)
+        self.connections.add(conn)
+        try:
+            await conn.serve()
+        except Exception:  # never let one connection's bug reach the server
+            log.exception("%s: connection failed", conn.name)
+        finally:
+            self.connections.discard(conn)
+
+    def status(self) -> Status:
+        m = self.model
+        return Status(
+            version=__import__("diffucode").__version__, protocol=PROTOCOL_VERSION,
+            model=str(m.source), device=m.device, dtype=m.dtype, quantization=m.quantization,
+            memory=m.memory(), queue=self.scheduler.queue_state(),
+            counters={**self.scheduler.counters, "last_cancelled_steps": self.scheduler.last_cancelled_steps,
+                      "connections": len(self.connections)},
+            uptime_s=time.time() - self.started, reload=dict(m.reload_state),
+            limits={"max_frame_bytes": self.limits.max_frame_bytes, "max_queue": self.limits.max_queue,
+                    "max_canvas_tokens": m.tasks.limits.max_canvas_tokens,
+                    "max_context_tokens": m.tasks.limits.max_context_tokens, "pid": os.getpid()})
+
+    def request_shutdown(self) -> None:
+        self._stopped.set()
+
+    async def run_until_stopped(self) -> None:
+        await self._stopped.wait()
+        log.info("shutting down")
+        self._server.close()
+        self.scheduler.stop()
+        for conn in list(self.connections):
+            conn.writer.close()
+        if not self.address.is_tcp:
+            try:
+                self.address.socket.unlink()
+            except FileNotFoundError:
+                pass
+        await asyncio.get_running_loop().run_in_executor(None, self.scheduler.wait_idle, 5.0)
+
+
+def rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+async def probe(address: Address, timeout: float = 1.0) -> dict | None:
+    """The status of a daemon already listening at address, or None when nobody answers."""
+    try:
+        if address.is_tcp:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(address.host, address.port), timeout)
+        else:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(address.socket)), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    try:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        if address.is_tcp:
+            try:
+                token = address.read_token()
+            except InputError:
+                token = ""
+            writer.write(msgpack.packb([REQUEST, 0, "auth", {"token": token}]))
+        writer.write(msgpack.packb([REQUEST, 1, "status", {}]))
+        await writer.drain()
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), timeout)
+            if not data:
+                return {"error": "the daemon closed the connection"}
+            unpacker.feed(data)
+            for msg in unpacker:
+                if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE:
+                    if msg[2] is not None:
+                        return {"error": RPCError.from_wire(msg[2]).message}
+                    if msg[1] == 1:
+                        return msg[3]
+    except (OSError, asyncio.TimeoutError, ValueError):
+        return {"error": "the daemon did not answer"}
+    finally:
+        writer.close()
+
+
+def socket_in_use(path: Path) -> bool:
+    """True when something accepts connections on the Unix socket path."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
