@@ -23,3 +23,8 @@ class TooLarge(InputError):
 
 class Cancelled(DiffucodeError):
     """The per-step callback cancelled a request between denoising steps."""
+
+
+class QuantizationError(DiffucodeError):
+    """A quantization scheme is unknown, needs a library that is missing, or does not match the
+    scheme a pre-quantized checkpoint holds."""

@@ -152,12 +152,14 @@ class Scheduler:
         try:
             tasks = self.get_tasks()
             opts = tasks_options(p.sampling)
+            budget = (p.before_tokens, p.after_tokens)
             if job.method == "complete":
-                ans = tasks.complete(p.before, opts, callback=on_step)
+                ans = tasks.complete(p.before, opts, callback=on_step, budget=budget)
             elif job.method == "infill":
-                ans = tasks.infill(p.before, p.after, opts, lengths=p.lengths, callback=on_step)
+                ans = tasks.infill(p.before, p.after, opts, lengths=p.lengths, callback=on_step, budget=budget)
             else:
-                ans = tasks.refine(p.before, p.span, p.after, opts, fraction=p.fraction, callback=on_step)
+                ans = tasks.refine(p.before, p.span, p.after, opts, fraction=p.fraction, callback=on_step,
+                                   budget=budget)
         except Cancelled:
             self._cancelled(job)
             return

@@ -97,10 +97,19 @@ class Tasks:
 
     # --- prompt layout -------------------------------------------------------------------
 
-    def _context(self, before: str, after: str) -> tuple[list[int], list[int]]:
-        """Token ids of the code before and after, cut to the context budget (keeping the
-        tokens nearest the cursor); unused budget on one side goes to the other."""
+    def _context(self, before: str, after: str, budget: tuple[int | None, int | None] = (None, None)
+                 ) -> tuple[list[int], list[int]]:
+        """Token ids of the code before and after, cut to the caller's per-side budget and to the
+        context limit (keeping the tokens nearest the cursor); unused limit on one side goes to
+        the other."""
+        for side, n in zip(("before_tokens", "after_tokens"), budget):
+            if n is not None and n < 0:
+                raise InputError(f"{side} must be >= 0, got {n}")
         b, a = self.tok.encode(before), self.tok.encode(after)
+        if budget[0] is not None:
+            b = b[max(0, len(b) - budget[0]):]
+        if budget[1] is not None:
+            a = a[:budget[1]]
         budget = self.limits.max_context_tokens
         if len(b) + len(a) > budget:
             want_b = int(budget * self.limits.prefix_share)
@@ -171,12 +180,13 @@ class Tasks:
     # --- tasks ---------------------------------------------------------------------------
 
     def complete(self, before: str, opts: Options = Options(),
-                 callback: Callable[[Step], str | None] | None = None) -> Answer:
+                 callback: Callable[[Step], str | None] | None = None, budget=(None, None)) -> Answer:
         """Continue the code: before + canvas; the output is cut at the first end token."""
-        return self.infill(before, "", opts, callback=callback, task="complete")
+        return self.infill(before, "", opts, callback=callback, task="complete", budget=budget)
 
     def infill(self, before: str, after: str, opts: Options = Options(), lengths: list[int] | None = None,
-               callback: Callable[[Step], str | None] | None = None, task: str = "infill") -> Answer:
+               callback: Callable[[Step], str | None] | None = None, task: str = "infill",
+               budget: tuple[int | None, int | None] = (None, None)) -> Answer:
         """The middle between `before` and `after`.
 
         Length strategy: end tokens the model places inside the canvas shrink it (the middle is
@@ -187,7 +197,7 @@ class Tasks:
         sizes = sorted(set(lengths)) if lengths else [opts.max_new_tokens]
         for n in sizes:
             self._check_canvas(n)
-        b, a = self._context(before, after)
+        b, a = self._context(before, after, budget)
         best, candidates = None, []
         for n in sizes:
             ids, start = self._layout(task, b, [self.ckpt.mask_id] * n, a)
@@ -225,7 +235,7 @@ class Tasks:
         return lp[index % groups, index].tolist()
 
     def refine(self, before: str, span: str, after: str, opts: Options = Options(), fraction: float = 0.3,
-               callback: Callable[[Step], str | None] | None = None) -> Answer:
+               callback: Callable[[Step], str | None] | None = None, budget=(None, None)) -> Answer:
         """Rewrite `span` in place: score its tokens, re-mask the least confident `fraction`,
         denoise them again. End tokens revealed inside the span delete that position. Only the
         span changes; confidence is per token of the new span."""
@@ -235,7 +245,7 @@ class Tasks:
         if not s:
             raise InputError("the span to refine is empty")
         self._check_canvas(len(s))
-        b, a = self._context(before, after)
+        b, a = self._context(before, after, budget)
         lp = self.score(b, s, a)
         k = max(1, round(fraction * len(s)))
         remask = sorted(range(len(s)), key=lambda i: lp[i])[:k]

@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(run=cmd_status)
 
+    p = sub.add_parser("lsp", help="run the language server (LSP over stdio)", add_help=False,
+                       description="The diffucode language server; see `diffucode lsp --help`.")
+    p.set_defaults(run=None)  # main() hands `lsp ...` to the language server before parsing
+
     p = sub.add_parser("pull", help="download a checkpoint from the Hugging Face hub (the only network use)",
                        description="Download configs, safetensors and tokenizer files (never code or "
                                    "pickles) of a hub checkpoint into the local Hugging Face cache.")
@@ -315,6 +319,11 @@ def cmd_pull(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lsp"]:  # the language server parses its own options (and stays torch-free)
+        from diffucode.lsp.server import main as lsp_main
+
+        return lsp_main(argv[1:])
     args = build_parser().parse_args(argv)
     from diffucode.daemon.errors import DiffucodeError
 

@@ -98,3 +98,10 @@ def test_cursor_and_line_positions():
     assert text[start:end] == "cde"
     with pytest.raises(InputError, match="lines 3-9"):
         line_span(text, 3, 9)
+
+
+def test_per_request_budget_cuts_each_side(tiny_ckpt):
+    t = Tasks(tiny_ckpt)
+    before, after = "x = 1\n" * 50, "y = 2\n" * 50
+    b, a = t._context(before, after, (12, 5))
+    assert b == t.tok.encode(before)[-12:] and a == t.tok.encode(after)[:5]

@@ -1,0 +1,382 @@
+"""The daemon client against a real daemon (`python -m diffucode serve`) on a temp socket.
+
+No mocks: every test talks to a real daemon process serving the tiny checkpoint. Daemons are
+started in their own process group and killed in teardown; the last check makes sure none of
+the daemons these tests started (spawned ones included) is left running.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffucode.daemon.address import Address
+from diffucode.daemon.client import DaemonClient, DaemonUnavailable, ReconnectingClient, SpawnOptions
+from diffucode.daemon.protocol import ErrorCode, InfillParams, RPCError, Sampling, TaskResult
+
+LONG = Sampling(max_new_tokens=512, steps=512)  # seconds on the tiny model: long enough to cancel
+SHORT = Sampling(max_new_tokens=6)
+
+
+def start_daemon(model: Path, log: Path, *where: str) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "diffucode", "serve", "--model", str(model), "--no-watch",
+                                 *where], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def stop_daemon(proc: subprocess.Popen) -> None:
+    kill_group(proc.pid)
+    proc.wait(timeout=10)
+
+
+def wait_ready(address: Address, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    async def poll():
+        deadline = time.monotonic() + timeout
+        while True:
+            client = DaemonClient(address, connect_timeout=2.0)
+            try:
+                await client.connect()
+                await client.status()
+                return
+            except DaemonUnavailable:
+                assert proc.poll() is None, f"the daemon exited:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"the daemon did not start:\n{log.read_text()}"
+                await asyncio.sleep(0.1)
+            finally:
+                await client.close()
+
+    asyncio.run(poll())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def wait_for_counter(client: DaemonClient, name: str, value: int, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        counters = (await client.status())["counters"]
+        if counters[name] >= value or time.monotonic() > deadline:
+            return counters
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The folder every daemon of this module lives in; nothing may run from it afterwards."""
+    path = tmp_path_factory.mktemp("client")
+    yield path
+    left = subprocess.run(["pgrep", "-f", f"diffucode serve .*{path}"], capture_output=True, text=True).stdout.split()
+    for pid in left:
+        kill_group(int(pid))
+    assert not left, f"daemons left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def daemon(base, tiny_dir):
+    """One daemon on a Unix socket, shared by the tests that leave it running."""
+    address, log = Address(socket=base / "shared.sock"), base / "shared.log"
+    proc = start_daemon(tiny_dir, log, "--socket", str(address.socket))
+    try:
+        wait_ready(address, proc, log)
+        yield address
+    finally:
+        stop_daemon(proc)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+# --- one connection ------------------------------------------------------------------------------
+
+def test_connect_and_status(daemon):
+    async def main():
+        client = DaemonClient(daemon)
+        assert not client.connected
+        await client.connect()
+        assert client.connected
+        status = await client.status()
+        assert status["protocol"] == 1 and status["device"] == "cpu"
+        assert set(status["counters"]) >= {"completed", "cancelled", "failed"}
+        assert client.last_request_id == 1
+        await client.close()
+        assert not client.connected
+        with pytest.raises(DaemonUnavailable, match="not connected"):
+            await client.status()
+
+    run(main())
+
+
+def test_infill_round_trip_with_progress(daemon):
+    async def main():
+        client = DaemonClient(daemon)
+        await client.connect()
+        params = InfillParams(before="def add(a, b):\n    return ", after="\n", sampling=SHORT)
+        result = await client.infill(params)
+        assert isinstance(result, TaskResult) and result.steps == SHORT.max_new_tokens
+        assert len(result.tokens) == len(result.confidence) and isinstance(result.text, str)
+
+        updates = []
+        again = await client.infill(params, on_progress=updates.append)
+        assert not params.progress  # the caller's params are not changed
+        assert again.text == result.text  # temperature 0: the same answer
+        assert [u["id"] for u in updates] == [client.last_request_id] * len(updates)
+        assert [u["step"] for u in updates] == list(range(SHORT.max_new_tokens))
+        assert updates[0]["masks_left"] == SHORT.max_new_tokens and "text" in updates[0]
+        await client.close()
+
+    run(main())
+
+
+def test_error_reply_keeps_the_connection(daemon):
+    async def main():
+        client = DaemonClient(daemon)
+        await client.connect()
+        with pytest.raises(RPCError) as e:
+            await client.request("translate", {})
+        assert e.value.code == ErrorCode.METHOD_NOT_FOUND
+        with pytest.raises(RPCError) as e:
+            await client.request("infill", {"before": 3})
+        assert e.value.code == ErrorCode.INVALID_PARAMS and "before" in e.value.message
+        assert (await client.status())["protocol"] == 1
+        await client.close()
+
+    run(main())
+
+
+def test_cancelling_the_awaiting_task_cancels_the_request(daemon):
+    async def main():
+        client = DaemonClient(daemon)
+        await client.connect()
+        before = (await client.status())["counters"]["cancelled"]
+        started = asyncio.Event()
+        task = asyncio.create_task(client.infill(InfillParams(before="x = ", sampling=LONG),
+                                                 on_progress=lambda u: started.set()))
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()  # what a language server's $/cancelRequest does to its handler
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        counters = await wait_for_counter(client, "cancelled", before + 1)
+        assert counters["cancelled"] == before + 1
+        assert counters["last_cancelled_steps"] < LONG.steps
+        await client.close()
+
+    run(main())
+
+
+def test_timeout_raises_and_cancels_in_the_daemon(daemon):
+    async def main():
+        client = DaemonClient(daemon)
+        await client.connect()
+        before = (await client.status())["counters"]["cancelled"]
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="cancel"):
+            await client.infill(InfillParams(before="x = ", sampling=LONG), timeout=0.3)
+        assert time.monotonic() - t0 < 2
+        counters = await wait_for_counter(client, "cancelled", before + 1)
+        assert counters["cancelled"] == before + 1
+        assert client.connected  # a timeout is not a broken connection
+        await client.close()
+
+    run(main())
+
+
+def test_close_fails_pending_requests_at_once(daemon):
+    async def main():
+        client = DaemonClient(daemon)
+        await client.connect()
+        task = asyncio.create_task(client.infill(InfillParams(before="x = ", sampling=LONG)))
+        await asyncio.sleep(0.2)
+        await client.close()
+        with pytest.raises(DaemonUnavailable):
+            await asyncio.wait_for(task, 2)
+
+    run(main())
+
+
+def test_nothing_listening_is_reported_at_once(base):
+    async def main():
+        t0 = time.monotonic()
+        with pytest.raises(DaemonUnavailable, match="no daemon is listening"):
+            await DaemonClient(Address(socket=base / "nobody.sock")).connect()
+        reconnecting = ReconnectingClient(Address(socket=base / "nobody.sock"))
+        with pytest.raises(DaemonUnavailable):
+            await reconnecting.status()
+        assert reconnecting.state == "down" and "no daemon" in reconnecting.last_error
+        assert time.monotonic() - t0 < 1
+
+    run(main())
+
+
+# --- spawning ------------------------------------------------------------------------------------
+
+def test_racing_clients_spawn_one_daemon(base, tiny_dir):
+    sock, log = base / "spawned.sock", base / "spawned.log"
+    spawn = SpawnOptions(["--model", str(tiny_dir), "--no-watch"], log)
+    clients = [DaemonClient(Address(socket=sock), spawn=spawn, connect_timeout=60) for _ in range(3)]
+
+    async def main():
+        await asyncio.gather(*(c.connect() for c in clients))
+        return await asyncio.gather(*(c.status() for c in clients))
+
+    try:
+        statuses = run(main())
+        spawned = [c.spawned_pid for c in clients if c.spawned_pid is not None]
+        assert len(spawned) == 1, spawned
+        assert {s["limits"]["pid"] for s in statuses} == set(spawned)
+        assert log.read_text().count("listening on") == 1
+        # the daemon outlives its clients: it was started in its own session
+        assert os.getpgid(spawned[0]) == spawned[0]
+    finally:
+        for c in clients:
+            if c.spawned_pid:
+                kill_group(c.spawned_pid)
+                c._process.wait(10)
+
+
+def test_a_daemon_still_loading_is_waited_for_not_spawned_again(base, tiny_dir):
+    sock, log = base / "slow.sock", base / "slow.log"
+    spawn = SpawnOptions(["--model", str(tiny_dir), "--no-watch"], log)
+    impatient = DaemonClient(Address(socket=sock), spawn=spawn, connect_timeout=0.2)
+    patient = ReconnectingClient(Address(socket=sock), spawn=spawn, connect_timeout=60)
+
+    async def main():
+        with pytest.raises(DaemonUnavailable, match="may still be loading"):
+            await impatient.connect()
+        assert impatient.spawned_pid is not None
+        connecting = asyncio.create_task(patient.ensure_connected())
+        await asyncio.sleep(0)
+        assert patient.state == "connecting"
+        client = await connecting
+        assert patient.state == "connected" and client.spawned_pid is None
+        assert (await patient.status())["limits"]["pid"] == impatient.spawned_pid
+        await patient.close()
+
+    try:
+        run(main())
+        assert log.read_text().count("listening on") == 1
+    finally:
+        if impatient.spawned_pid:
+            kill_group(impatient.spawned_pid)
+            impatient._process.wait(10)
+
+
+def test_spawned_daemon_that_exits_early_reports_its_log(base):
+    log = base / "broken.log"
+    client = DaemonClient(Address(socket=base / "broken.sock"),
+                          spawn=SpawnOptions(["--model", str(base / "no-such-model")], log), connect_timeout=60)
+    with pytest.raises(DaemonUnavailable) as e:
+        run(client.connect())
+    assert "exited with status" in str(e.value) and "no-such-model" in str(e.value)
+    assert client._process.poll() is not None
+
+
+# --- the daemon going away -----------------------------------------------------------------------
+
+def test_killed_daemon_fails_pending_request_and_reconnects_after_backoff(base, tiny_dir):
+    address, log = Address(socket=base / "killed.sock"), base / "killed.log"
+    proc = start_daemon(tiny_dir, log, "--socket", str(address.socket))
+    procs = [proc]
+    try:
+        wait_ready(address, proc, log)
+
+        async def until_killed(client: ReconnectingClient):
+            assert (await client.status())["limits"]["pid"] == proc.pid
+            assert client.state == "connected" and client.last_error is None
+            started = asyncio.Event()
+            task = asyncio.create_task(client.infill(InfillParams(before="x = ", sampling=LONG),
+                                                     on_progress=lambda u: started.set()))
+            await asyncio.wait_for(started.wait(), 10)
+            os.killpg(proc.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(DaemonUnavailable):
+                await asyncio.wait_for(task, 5)
+            assert time.monotonic() - t0 < 2
+            assert client.state == "down" and client.last_error
+            # within the backoff: refused at once, without trying
+            t0 = time.monotonic()
+            with pytest.raises(DaemonUnavailable, match="next attempt"):
+                await client.status()
+            assert time.monotonic() - t0 < 0.1
+            # after it: one attempt, which fails (nobody listens) and doubles the backoff
+            await asyncio.sleep(client.retry_in)
+            with pytest.raises(DaemonUnavailable, match="no daemon is listening"):
+                await client.status()
+            assert client.state == "down" and 0.25 < client.retry_in <= 0.5
+
+        async def after_restart(client: ReconnectingClient, pid: int):
+            await asyncio.sleep(client.retry_in)
+            assert (await client.status())["limits"]["pid"] == pid
+            assert client.state == "connected" and client.last_error is None
+            result = await client.infill(InfillParams(before="x = ", sampling=SHORT))
+            assert result.steps == SHORT.max_new_tokens
+            await client.close()
+
+        async def main():
+            client = ReconnectingClient(address)
+            await until_killed(client)
+            proc.wait(10)
+            restarted = start_daemon(tiny_dir, log, "--socket", str(address.socket))
+            procs.append(restarted)
+            await asyncio.get_running_loop().run_in_executor(None, wait_ready, address, restarted, log)
+            await after_restart(client, restarted.pid)
+
+        run(main())
+    finally:
+        for p in procs:
+            stop_daemon(p)
+
+
+# --- TCP -----------------------------------------------------------------------------------------
+
+def test_tcp_with_the_right_token_works_and_a_wrong_one_is_refused(base, tiny_dir):
+    port, token_file, log = free_port(), base / "tcp.token", base / "tcp.log"
+    address = Address(host="127.0.0.1", port=port, token_file=token_file)
+    proc = start_daemon(tiny_dir, log, "--tcp", f"127.0.0.1:{port}", "--token-file", str(token_file))
+    try:
+        wait_ready(address, proc, log)
+        wrong_file = base / "wrong.token"
+        wrong_file.write_text("0" * 64 + "\n")
+        wrong = Address(host="127.0.0.1", port=port, token_file=wrong_file)
+
+        async def main():
+            client = DaemonClient(address)
+            await client.connect()
+            assert (await client.status())["limits"]["pid"] == proc.pid
+            await client.close()
+
+            refused = DaemonClient(wrong)
+            with pytest.raises(RPCError) as e:
+                await refused.connect()
+            assert e.value.code == ErrorCode.UNAUTHORIZED and not refused.connected
+
+            reconnecting = ReconnectingClient(wrong)
+            with pytest.raises(DaemonUnavailable):
+                await reconnecting.status()
+            assert reconnecting.state == "down" and "UNAUTHORIZED" in reconnecting.last_error
+
+        run(main())
+    finally:
+        stop_daemon(proc)
+
+
+def test_importing_the_client_does_not_import_torch():
+    code = "import sys, diffucode.daemon.client; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
