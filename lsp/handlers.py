@@ -1,0 +1,254 @@
+"""The language server's features: what each LSP request and notification does.
+
+Completion flow: enabled? -> cache (type-through) -> debounce (cancellable) -> context ->
+daemon `infill` (group = the document, so a newer request cancels the older one in the daemon)
+-> post-processing -> items. A daemon that is down gives an empty answer at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from lsprotocol import types as lsp
+
+from diffucode.daemon.address import runtime_dir
+from diffucode.daemon.client import DaemonUnavailable
+from diffucode.daemon.protocol import (LSP_DID_ACCEPT, LSP_DID_REJECT, LSP_DID_SHOW, LSP_FILL_SELECTION,
+                                       LSP_REFINE_FUNCTION, LSP_SNOOZE, LSP_STATUS, LSP_TOGGLE, InfillParams,
+                                       RefineParams, RPCError)
+
+from .context import WorkspaceIndex, uri_to_path
+from .functions import enclosing_function
+from .postprocess import postprocess
+from .server import ALTERNATIVE_TEMPERATURES, DiffucodeServer, offset_at, position_at, server
+
+log = logging.getLogger("diffucode.lsp")
+
+
+def as_dict(obj):
+    """pygls hands custom requests' params over as namedtuples: plain dicts and lists instead."""
+    if hasattr(obj, "_asdict"):
+        return {k: as_dict(v) for k, v in obj._asdict().items()}
+    if isinstance(obj, (list, tuple)):
+        return [as_dict(v) for v in obj]
+    return obj
+
+
+def lsp_range(r: dict) -> lsp.Range:
+    return lsp.Range(start=lsp.Position(**r["start"]), end=lsp.Position(**r["end"]))
+
+
+# --- lifecycle and settings ------------------------------------------------------------------
+
+@server.feature(lsp.INITIALIZE)
+def initialize(ls: DiffucodeServer, params: lsp.InitializeParams) -> None:
+    options = params.initialization_options or {}
+    folders = [uri_to_path(f.uri) for f in (params.workspace_folders or [])]
+    if not folders and params.root_uri:
+        folders = [uri_to_path(params.root_uri)]
+    ls.context.index = WorkspaceIndex([f for f in folders if f is not None])
+    ls.apply_settings(options.get("settings") if isinstance(options, dict) else None)
+
+
+@server.feature(lsp.INITIALIZED)
+async def initialized(ls: DiffucodeServer, params: lsp.InitializedParams) -> None:
+    ls.context.index.watch()
+    await pull_configuration(ls)
+
+
+async def pull_configuration(ls: DiffucodeServer) -> None:
+    caps = ls.client_capabilities.workspace
+    if not (caps and caps.configuration):
+        return
+    try:
+        (config,) = await ls.workspace_configuration_async(
+            lsp.ConfigurationParams(items=[lsp.ConfigurationItem(section="diffucode")]))
+    except Exception as e:  # the client may not know the section
+        log.info("workspace/configuration failed: %s", e)
+        return
+    if isinstance(config, dict):
+        ls.apply_settings(config)
+
+
+@server.feature(lsp.WORKSPACE_DID_CHANGE_CONFIGURATION)
+async def did_change_configuration(ls: DiffucodeServer, params: lsp.DidChangeConfigurationParams) -> None:
+    pushed = params.settings.get("diffucode") if isinstance(params.settings, dict) else None
+    if isinstance(pushed, dict):
+        ls.apply_settings(pushed)
+    else:
+        await pull_configuration(ls)
+
+
+@server.feature(lsp.SHUTDOWN)
+async def shutdown(ls: DiffucodeServer, params) -> None:
+    if ls.context.index is not None:
+        ls.context.index.stop()
+    if ls.daemon is not None:
+        await ls.daemon.close()
+
+
+@server.feature(lsp.TEXT_DOCUMENT_DID_CHANGE)
+def did_change(ls: DiffucodeServer, params: lsp.DidChangeTextDocumentParams) -> None:
+    ls.debouncer.keystroke()
+    ls.context.touched(params.text_document.uri)
+
+
+@server.feature(lsp.TEXT_DOCUMENT_DID_OPEN)
+def did_open(ls: DiffucodeServer, params: lsp.DidOpenTextDocumentParams) -> None:
+    ls.context.touched(params.text_document.uri)
+
+
+# --- inline completion -----------------------------------------------------------------------
+
+@server.feature(lsp.TEXT_DOCUMENT_INLINE_COMPLETION)
+async def inline_completion(ls: DiffucodeServer, params: lsp.InlineCompletionParams) -> lsp.InlineCompletionList:
+    empty = lsp.InlineCompletionList(items=[])
+    doc = ls.workspace.get_text_document(params.text_document.uri)
+    if not ls.active(doc.language_id or ""):
+        return empty
+    text = doc.source
+    offset = offset_at(text, params.position)
+    invoked = params.context.trigger_kind == lsp.InlineCompletionTriggerKind.Invoked
+    raw_before, raw_after = text[:offset], text[offset:]
+
+    cached = ls.cache.get(doc.uri, raw_before, raw_after)
+    if cached is not None and (not invoked or len(cached) > 1):
+        return items(ls, doc.uri, cached, params.position)
+    if not ls.connected():
+        return empty  # never wait for a daemon that is not there; status says why
+
+    if not invoked:
+        await asyncio.sleep(ls.debouncer.delay_ms() / 1000)  # a newer keystroke cancels us here
+    before, after = ls.request_context(doc.uri, text, offset, language_id=doc.language_id or "")
+    mid_line = raw_after.split("\n", 1)[0].strip() != ""
+    budget = min(ls.settings.max_new_tokens, 16) if mid_line else ls.settings.max_new_tokens
+    temperatures = [None] + (list(ALTERNATIVE_TEMPERATURES) if invoked else [])
+    found: list[str] = []
+    for i, temperature in enumerate(temperatures):
+        params_ = InfillParams(before=before, after=after, group=f"{doc.uri}#{i}",
+                               before_tokens=ls.settings.before_tokens, after_tokens=ls.settings.after_tokens,
+                               sampling=ls.sampling(budget, temperature, seed=i))
+        try:
+            result = await ls.call("infill", params_)
+        except (DaemonUnavailable, RPCError, asyncio.TimeoutError) as e:
+            log.info("inline completion: %s", e)
+            break
+        text_ = postprocess(result["text"], raw_before, raw_after)
+        if text_ is not None and text_ not in found:
+            found.append(text_)
+    if found:
+        ls.cache.put(doc.uri, raw_before, raw_after, found)
+    return items(ls, doc.uri, found, params.position)
+
+
+def items(ls: DiffucodeServer, uri: str, texts: list[str], position: lsp.Position) -> lsp.InlineCompletionList:
+    return lsp.InlineCompletionList(items=[
+        lsp.InlineCompletionItem(
+            insert_text=t, range=lsp.Range(start=position, end=position),
+            command=lsp.Command(title="accepted", command="diffucode.didAcceptCompletion",
+                                arguments=[{"uri": uri, "text": t}]))
+        for t in texts])
+
+
+# --- fill selection and refine function --------------------------------------------------------
+
+@server.feature(LSP_FILL_SELECTION)
+async def fill_selection(ls: DiffucodeServer, params) -> dict:
+    p = as_dict(params)
+    doc = ls.workspace.get_text_document(p["textDocument"]["uri"])
+    version, text = doc.version, doc.source
+    start = offset_at(text, lsp.Position(**p["range"]["start"]))
+    end = offset_at(text, lsp.Position(**p["range"]["end"]))
+    selected = text[start:end]
+    # a canvas about the selection's size (about 3 characters a token, a margin for longer code)
+    canvas = max(8, min(256, round(len(selected) / 3 * 1.25)))
+    before, after = ls.request_context(doc.uri, text, start, end, doc.language_id or "")
+    result = await ls.call("infill", InfillParams(
+        before=before, after=after, group=f"{doc.uri}#fill", before_tokens=ls.settings.before_tokens,
+        after_tokens=ls.settings.after_tokens, sampling=ls.sampling(canvas)))
+    return {"edits": [{"range": p["range"], "text": result["text"]}], "version": version}
+
+
+@server.feature(LSP_REFINE_FUNCTION)
+async def refine_function(ls: DiffucodeServer, params) -> dict:
+    p = as_dict(params)
+    doc = ls.workspace.get_text_document(p["textDocument"]["uri"])
+    version, text = doc.version, doc.source
+    span = enclosing_function(text, p["position"]["line"], doc.language_id or "")
+    if span is None:
+        raise RPCErrorForEditor(f"no function encloses line {p['position']['line'] + 1}")
+    lines = text.split("\n")
+    start = sum(len(l) + 1 for l in lines[:span[0]])
+    end = start + len("\n".join(lines[span[0]:span[1] + 1]))
+    result = await ls.call("refine", RefineParams(
+        before=text[max(0, start - ls.settings.before_tokens * 4):start], span=text[start:end],
+        after=text[end:end + ls.settings.after_tokens * 4], group=f"{doc.uri}#refine",
+        before_tokens=ls.settings.before_tokens, after_tokens=ls.settings.after_tokens,
+        sampling=ls.sampling()))
+    rng = {"start": {"line": span[0], "character": 0},
+           "end": {"line": span[1], "character": position_at(text, end).character}}
+    return {"edits": [{"range": rng, "text": result["text"]}], "version": version, "range": rng,
+            "lines": line_confidence(result["tokens"], result["confidence"], span[0])}
+
+
+def line_confidence(tokens: list[str], confidence: list[float], first_line: int) -> list[dict]:
+    """The lowest token confidence on each line of the new text (a line is as doubtful as its
+    most doubtful token)."""
+    per_line: list[float] = [1.0]
+    for tok, conf in zip(tokens, confidence):
+        parts = tok.split("\n")
+        for i, part in enumerate(parts):
+            if i > 0:
+                per_line.append(1.0)
+            if part.strip():
+                per_line[-1] = min(per_line[-1], conf)
+    return [{"line": first_line + i, "confidence": round(c, 4)} for i, c in enumerate(per_line)]
+
+
+class RPCErrorForEditor(Exception):
+    """An error the editor shows as it is (pygls turns it into a JSON-RPC error reply)."""
+
+
+# --- status, toggles, feedback ---------------------------------------------------------------
+
+@server.feature(LSP_STATUS)
+def status(ls: DiffucodeServer, params) -> dict:
+    return ls.status()
+
+
+@server.feature(LSP_TOGGLE)
+def toggle(ls: DiffucodeServer, params) -> None:
+    ls.enabled = bool(as_dict(params).get("enabled", not ls.enabled))
+    ls.publish_status()
+
+
+@server.feature(LSP_SNOOZE)
+def snooze(ls: DiffucodeServer, params) -> None:
+    minutes = float(as_dict(params).get("minutes", 0) or 0)
+    ls.snoozed_until = time.time() + 60 * minutes if minutes > 0 else 0.0
+    ls.publish_status()
+
+
+def feedback(kind: str):
+    def handler(ls: DiffucodeServer, params) -> None:
+        p = as_dict(params) or {}
+        if kind == "accepted":
+            ls.debouncer.accepted()
+        elif kind == "rejected":
+            ls.debouncer.rejected()
+        record = {"at": time.time(), "event": kind, "uri": p.get("uri"), "chars": len(p.get("text") or ""),
+                  "debounce_ms": round(ls.debouncer.delay_ms(), 1)}
+        try:  # a local log only: nothing leaves the machine
+            with open(runtime_dir() / "feedback.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            log.debug("feedback log: %s", e)
+    return handler
+
+
+server.feature(LSP_DID_SHOW)(feedback("shown"))
+server.feature(LSP_DID_ACCEPT)(feedback("accepted"))
+server.feature(LSP_DID_REJECT)(feedback("rejected"))

@@ -1,0 +1,238 @@
+"""`diffucode lsp`: the language server (pygls) between the editor and the model daemon.
+
+It owns the editor experience: inline completion (LSP 3.18) with context, debounce, cache and
+type-through, post-processing; the custom requests fillSelection and refineFunction; status;
+settings. Handlers that wait on the daemon are `async def`, so `$/cancelRequest` cancels them at
+their current await and the daemon client then cancels the daemon's work too. It never imports
+torch, and never prints to stdout (stdio is the protocol): logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from lsprotocol import types as lsp
+from pygls.lsp.server import LanguageServer
+
+from diffucode import __version__
+from diffucode.daemon.address import Address, default_address, runtime_dir, tcp_address
+from diffucode.daemon.client import DaemonUnavailable, ReconnectingClient, SpawnOptions
+from diffucode.daemon.protocol import (LSP_DID_ACCEPT, LSP_DID_REJECT, LSP_DID_SHOW, LSP_FILL_SELECTION,
+                                       LSP_REFINE_FUNCTION, LSP_SNOOZE, LSP_STATUS, LSP_STATUS_CHANGED,
+                                       LSP_TOGGLE, InfillParams, RefineParams, RPCError, Sampling)
+
+from .cache import CompletionCache
+from .context import ContextBuilder, WorkspaceIndex, uri_to_path
+from .debounce import Debouncer
+from .functions import enclosing_function
+from .postprocess import postprocess
+from .settings import Settings, parse
+
+log = logging.getLogger("diffucode.lsp")
+CHARS_PER_TOKEN = 4  # generous: the daemon cuts to the exact token budget
+ALTERNATIVE_TEMPERATURES = (0.4, 0.8)  # an Invoked trigger adds these to the greedy item
+
+
+class DiffucodeServer(LanguageServer):
+    def __init__(self):
+        super().__init__("diffucode", __version__)
+        self.settings = Settings()
+        self.problems: list[str] = []
+        self.cache = CompletionCache()
+        self.debouncer = Debouncer()
+        self.context = ContextBuilder()
+        self.daemon: ReconnectingClient | None = None
+        self.enabled = True
+        self.snoozed_until = 0.0  # epoch seconds
+        self.in_flight = 0
+        self.last_latency_ms: float | None = None
+        self.model_name: str | None = None
+        self.error: str | None = None
+        self._last_status: dict | None = None
+        self._connecting: asyncio.Task | None = None
+
+    # --- settings and the daemon ------------------------------------------------------------
+
+    def apply_settings(self, raw: dict | None) -> None:
+        before = self.settings
+        self.settings, self.problems = parse(raw)  # the whole section: what it omits is the default
+        for p in self.problems:
+            log.warning("%s", p)
+        self.debouncer.min_ms, self.debouncer.max_ms = self.settings.debounce_min_ms, self.settings.debounce_max_ms
+        if (self.daemon is None or before.daemon_socket != self.settings.daemon_socket
+                or before.model != self.settings.model or before.daemon_spawn != self.settings.daemon_spawn):
+            self.connect_daemon()
+        self.cache.clear()
+        self.publish_status()
+
+    def daemon_address(self) -> Address:
+        sock = self.settings.daemon_socket
+        if sock.startswith("tcp:"):
+            return tcp_address(sock[4:])
+        return Address(socket=Path(sock).expanduser()) if sock else default_address()
+
+    def connect_daemon(self) -> None:
+        old = self.daemon
+        if old is not None:
+            asyncio.ensure_future(old.close())
+        spawn = None
+        if self.settings.daemon_spawn:
+            args = ["--model", self.settings.model] if self.settings.model else []
+            spawn = SpawnOptions(args=args, log_file=runtime_dir() / "daemon.log")
+        self.daemon = ReconnectingClient(self.daemon_address(), spawn=spawn, connect_timeout=120.0)
+        self.start_connecting()
+
+    def start_connecting(self) -> None:
+        """Connect (or spawn) in the background; requests meanwhile answer empty at once."""
+        if self._connecting is not None and not self._connecting.done():
+            return
+        if self.daemon.state == "connected" or self.daemon.retry_in > 0:
+            return
+
+        async def attempt():
+            try:
+                client = await self.daemon.ensure_connected()
+                status = await client.status(timeout=10)
+                self.model_name, self.error = status.get("model"), None
+            except (DaemonUnavailable, RPCError, asyncio.TimeoutError, OSError) as e:
+                self.error = str(e)
+            self.publish_status()
+
+        self._connecting = asyncio.ensure_future(attempt())
+        self.publish_status()
+
+    def connected(self) -> bool:
+        if self.daemon is not None and self.daemon.state == "connected":
+            return True
+        if self.daemon is not None:
+            self.start_connecting()
+        return False
+
+    # --- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        now = time.time()
+        if not self.enabled:
+            state, message = "disabled", "diffucode is turned off"
+        elif self.snoozed_until > now:
+            state, message = "snoozed", f"snoozed for {int(self.snoozed_until - now) // 60 + 1} more minutes"
+        elif self.daemon is None or self.daemon.state == "connecting" or (
+                self._connecting is not None and not self._connecting.done()):
+            state, message = "starting", f"connecting to the daemon at {self.daemon_address()}"
+        elif self.daemon.state == "down":
+            state, message = "down", f"the daemon is unavailable: {self.daemon.last_error or self.error}"
+        elif self.error:
+            state, message = "error", self.error
+        else:
+            state = "busy" if self.in_flight else "ready"
+            message = f"{self.model_name} via {self.daemon_address()}"
+        if self.problems:
+            message += " (settings: " + "; ".join(self.problems) + ")"
+        return {"state": state, "message": message, "model": self.model_name,
+                "lastLatencyMs": self.last_latency_ms,
+                "snoozedUntil": self.snoozed_until * 1000 if self.snoozed_until > now else None,
+                "enabled": self.enabled}
+
+    def publish_status(self) -> None:
+        status = self.status()
+        if status != self._last_status:
+            self._last_status = status
+            try:
+                self.protocol.notify(LSP_STATUS_CHANGED, status)
+            except Exception:  # before initialization there is nobody to tell
+                pass
+
+    # --- talking to the daemon --------------------------------------------------------------
+
+    def sampling(self, max_new_tokens: int | None = None, temperature: float | None = None, seed: int = 0):
+        s = self.settings
+        return Sampling(max_new_tokens=max_new_tokens or s.max_new_tokens, steps=s.steps,
+                        temperature=s.temperature if temperature is None else temperature, seed=seed)
+
+    async def call(self, method: str, params) -> dict:
+        """One daemon request; raises DaemonUnavailable (never waits for a daemon that is down)."""
+        if not self.connected():
+            raise DaemonUnavailable(self.status()["message"])
+        self.in_flight += 1
+        self.publish_status()
+        started = time.monotonic()
+        try:
+            result = await self.daemon.request(method, params, timeout=self.settings.request_timeout_ms / 1000)
+            self.error = None
+            return result
+        except RPCError as e:
+            if e.code.name not in ("CANCELLED", "OVERLOADED"):
+                self.error = str(e)
+            raise
+        finally:
+            self.in_flight -= 1
+            self.last_latency_ms = round((time.monotonic() - started) * 1000, 1)
+            self.debouncer.latency(self.last_latency_ms)
+            self.publish_status()
+
+    def request_context(self, uri: str, text: str, offset: int, end: int | None = None,
+                        language_id: str = "") -> tuple[str, str]:
+        """The text before (with snippets from other files) and after, cut to a generous
+        character budget; the daemon cuts it to the exact token budget."""
+        s = self.settings
+        before = text[max(0, offset - s.before_tokens * CHARS_PER_TOKEN):offset]
+        after_start = offset if end is None else end
+        after = text[after_start:after_start + s.after_tokens * CHARS_PER_TOKEN]
+        open_docs = {u: d.source for u, d in self.workspace.text_documents.items()}
+        snippets = self.context.snippets(uri, text, language_id, open_docs)
+        return snippets + before, after
+
+    def active(self, language_id: str) -> bool:
+        return self.enabled and self.snoozed_until <= time.time() and self.settings.language_enabled(language_id)
+
+
+server = DiffucodeServer()
+
+
+def offset_at(text: str, position: lsp.Position) -> int:
+    """Character offset of an LSP position (UTF-16 columns)."""
+    lines = text.split("\n")
+    line = min(position.line, len(lines) - 1)
+    start = sum(len(l) + 1 for l in lines[:line])
+    units, col = 0, 0
+    for ch in lines[line]:
+        if units >= position.character:
+            break
+        units += 2 if ord(ch) > 0xFFFF else 1
+        col += 1
+    return start + col
+
+
+def position_at(text: str, offset: int) -> lsp.Position:
+    head = text[:offset]
+    line = head.count("\n")
+    col = head[head.rfind("\n") + 1:]
+    return lsp.Position(line=line, character=sum(2 if ord(c) > 0xFFFF else 1 for c in col))
+
+
+from . import handlers  # noqa: E402,F401  (registers the features on `server`)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import os
+    import sys
+
+    parser = argparse.ArgumentParser(prog="diffucode lsp", description="The diffucode language server, "
+                                     "over stdio (the default) or TCP for debugging. Logs go to stderr.")
+    parser.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio (debugging)")
+    parser.add_argument("--log-level", default=os.environ.get("DIFFUCODE_LOG", "INFO"))
+    parser.add_argument("--log-file", default=None, help="log to this file instead of stderr")
+    args = parser.parse_args(argv)
+    handler = logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler(sys.stderr)
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler],
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.tcp:
+        host, port = args.tcp.rsplit(":", 1)
+        server.start_tcp(host, int(port))
+    else:
+        server.start_io()
+    return 0

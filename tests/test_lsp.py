@@ -1,0 +1,284 @@
+"""The language server over stdio, driven by pygls's LanguageClient, against a real daemon."""
+
+import asyncio
+import sys
+import time
+
+import pytest
+from daemon_helpers import Daemon
+from lsprotocol import types as lsp
+from pygls.lsp.client import LanguageClient
+
+from diffucode.daemon.tiny import write_tiny_checkpoint
+
+SOURCE = '''import os
+
+
+def add(a, b):
+    total = a + b
+    return total
+
+
+def fibonacci(n):
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+'''
+URI = "file:///work/example.py"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("lsp-model"))
+
+
+@pytest.fixture
+def daemon(model_dir, tmp_path):
+    d = Daemon(model_dir, tmp_path, "--no-watch")
+    yield d
+    d.stop()
+
+
+class Editor:
+    """A real LSP client with a document open, answering workspace/configuration."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+        self.client = LanguageClient("test-editor", "1")
+        self.status_events: list[dict] = []
+        self.version = 1
+
+        @self.client.feature(lsp.WORKSPACE_CONFIGURATION)
+        def configuration(params):
+            return [self.settings for _ in params.items]
+
+        @self.client.feature("diffucode/statusChanged")
+        def status_changed(params):
+            self.status_events.append(params)
+
+    async def start(self, text: str = SOURCE):
+        await self.client.start_io(sys.executable, "-m", "diffucode", "lsp", "--log-level", "DEBUG")
+        await self.client.initialize_async(lsp.InitializeParams(
+            capabilities=lsp.ClientCapabilities(workspace=lsp.WorkspaceClientCapabilities(configuration=True)),
+            initialization_options={"settings": self.settings}))
+        self.client.initialized(lsp.InitializedParams())
+        self.client.text_document_did_open(lsp.DidOpenTextDocumentParams(
+            text_document=lsp.TextDocumentItem(uri=URI, language_id="python", version=1, text=text)))
+        self.text = text
+
+    def change(self, text: str):
+        self.version += 1
+        self.text = text
+        self.client.text_document_did_change(lsp.DidChangeTextDocumentParams(
+            text_document=lsp.VersionedTextDocumentIdentifier(uri=URI, version=self.version),
+            content_changes=[lsp.TextDocumentContentChangeWholeDocument(text=text)]))
+
+    async def inline(self, line, character, invoked=True):
+        return await self.client.text_document_inline_completion_async(lsp.InlineCompletionParams(
+            text_document=lsp.TextDocumentIdentifier(uri=URI), position=lsp.Position(line=line, character=character),
+            context=lsp.InlineCompletionContext(
+                trigger_kind=lsp.InlineCompletionTriggerKind.Invoked if invoked
+                else lsp.InlineCompletionTriggerKind.Automatic)))
+
+    async def request(self, method, params):
+        return await self.client.protocol.send_request_async(method, params)
+
+    async def status(self):
+        return await self.request("diffucode/status", {})
+
+    async def wait_state(self, *states, timeout=30):
+        deadline = time.monotonic() + timeout
+        while (s := await self.status()).state not in states:
+            assert time.monotonic() < deadline, s
+            await asyncio.sleep(0.05)
+        return s
+
+    async def stop(self):
+        await self.client.shutdown_async(None)
+        self.client.exit(None)
+        await self.client.stop()
+
+
+def settings_for(daemon, **extra):
+    return {"daemon": {"socket": str(daemon.socket), "spawn": False}, "maxNewTokens": 12,
+            "debounce": {"minMs": 0, "maxMs": 0}, **extra}
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def test_inline_completion_round_trip_and_type_through(daemon):
+    async def go():
+        ed = Editor(settings_for(daemon))
+        await ed.start()
+        try:
+            await ed.wait_state("ready")
+            result = await ed.inline(5, 4)  # start of `return total` line... inside `add`
+            texts = [i.insert_text for i in result.items]
+            assert texts and all(t.strip() for t in texts)
+            item = result.items[0]
+            assert item.range.start == lsp.Position(line=5, character=4)
+            assert item.command.command == "diffucode.didAcceptCompletion"
+            status = await ed.status()
+            assert status.state == "ready" and status.lastLatencyMs > 0 and status.model
+            # type-through: typing the first characters of the shown suggestion is served from the cache
+            conn = daemon.connect()
+            served = conn.call("status")["counters"]["completed"]
+            first = texts[0]
+            typed = first[:2] if len(first) > 2 else first[:1]
+            lines = ed.text.split("\n")
+            lines[5] = lines[5][:4] + typed + lines[5][4:]
+            ed.change("\n".join(lines))
+            again = await ed.inline(5, 4 + len(typed), invoked=False)
+            assert [i.insert_text for i in again.items][0] == first[len(typed):]
+            assert conn.call("status")["counters"]["completed"] == served
+        finally:
+            await ed.stop()
+    run(go())
+
+
+def test_cancel_request_reaches_the_daemon(daemon):
+    async def go():
+        ed = Editor(settings_for(daemon, maxNewTokens=1000))
+        await ed.start()
+        try:
+            await ed.wait_state("ready")
+            conn = daemon.connect()
+            before = conn.call("status")["counters"]["cancelled"]
+            fut = ed.client.protocol.send_request(lsp.TEXT_DOCUMENT_INLINE_COMPLETION, lsp.InlineCompletionParams(
+                text_document=lsp.TextDocumentIdentifier(uri=URI), position=lsp.Position(line=5, character=4),
+                context=lsp.InlineCompletionContext(trigger_kind=lsp.InlineCompletionTriggerKind.Invoked)),
+                msg_id="slow-1")
+            deadline = time.monotonic() + 30
+            while conn.call("status")["queue"]["running"] == 0:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            ed.client.protocol.notify("$/cancelRequest", lsp.CancelParams(id="slow-1"))
+            deadline = time.monotonic() + 10
+            while (s := conn.call("status"))["counters"]["cancelled"] == before:
+                assert time.monotonic() < deadline, "the daemon never heard of the cancellation"
+                await asyncio.sleep(0.02)
+            assert s["counters"]["last_cancelled_steps"] < 1000
+            with pytest.raises(Exception):
+                await asyncio.wrap_future(fut)
+        finally:
+            await ed.stop()
+    run(go())
+
+
+def test_fill_selection_edits_apply_cleanly(daemon):
+    async def go():
+        ed = Editor(settings_for(daemon))
+        await ed.start()
+        try:
+            await ed.wait_state("ready")
+            rng = {"start": {"line": 4, "character": 4}, "end": {"line": 5, "character": 16}}
+            result = await ed.request("diffucode/fillSelection", {"textDocument": {"uri": URI}, "range": rng})
+            assert result.version == 1 and len(result.edits) == 1
+            edit = result.edits[0]
+            assert edit.range.start.line == 4 and edit.range.end.line == 5
+            lines = SOURCE.split("\n")
+            new = "\n".join(lines[:4]) + "\n" + lines[4][:4] + edit.text + lines[5][16:] + "\n" + "\n".join(lines[6:])
+            assert new.startswith("import os\n\n\ndef add(a, b):\n    ")
+            assert new.endswith("\n".join(lines[6:]))
+        finally:
+            await ed.stop()
+    run(go())
+
+
+def test_refine_function_on_python(daemon):
+    async def go():
+        ed = Editor(settings_for(daemon))
+        await ed.start()
+        try:
+            await ed.wait_state("ready")
+            result = await ed.request("diffucode/refineFunction",
+                                      {"textDocument": {"uri": URI}, "position": {"line": 10, "character": 8}})
+            assert (result.range.start.line, result.range.end.line) == (8, 12)  # def fibonacci .. return a
+            assert result.edits[0].range.end.character == len("    return a")
+            new_text = result.edits[0].text
+            assert len(result.lines) == new_text.count("\n") + 1
+            assert all(0 <= l.confidence <= 1 for l in result.lines) and result.lines[0].line == 8
+            with pytest.raises(Exception, match="no function encloses line 1"):
+                await ed.request("diffucode/refineFunction",
+                                 {"textDocument": {"uri": URI}, "position": {"line": 0, "character": 0}})
+        finally:
+            await ed.stop()
+    run(go())
+
+
+def test_daemon_killed_then_back(model_dir, tmp_path):
+    async def go():
+        daemon = Daemon(model_dir, tmp_path, "--no-watch")
+        ed = Editor(settings_for(daemon))
+        await ed.start()
+        try:
+            await ed.wait_state("ready")
+            assert (await ed.inline(5, 4)).items
+            daemon.stop()
+            await ed.inline(5, 4)  # the first request finds the connection gone
+            down = await ed.wait_state("down")
+            assert "unavailable" in down.message
+            t0 = time.monotonic()
+            assert not (await ed.inline(9, 0)).items  # answered at once, not after a timeout
+            assert time.monotonic() - t0 < 1.0
+            restarted = Daemon(model_dir, tmp_path, "--no-watch")
+            try:
+                deadline = time.monotonic() + 30
+                while not (await ed.inline(9, 0)).items:
+                    assert time.monotonic() < deadline, await ed.status()
+                    await asyncio.sleep(0.3)
+                assert (await ed.status()).state == "ready"
+            finally:
+                restarted.stop()
+        finally:
+            await ed.stop()
+            daemon.stop()
+    run(go())
+
+
+def test_configuration_changes_take_effect(daemon):
+    async def go():
+        ed = Editor(settings_for(daemon))
+        await ed.start()
+        try:
+            await ed.wait_state("ready")
+            conn = daemon.connect()
+            ed.settings = settings_for(daemon, enabledLanguages={"*": True, "python": False})
+            ed.client.workspace_did_change_configuration(lsp.DidChangeConfigurationParams(settings={}))
+            deadline = time.monotonic() + 10
+            while (await ed.inline(5, 4)).items:  # the server pulls the new configuration
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            served = conn.call("status")["counters"]["completed"]
+            assert not (await ed.inline(9, 0)).items
+            assert conn.call("status")["counters"]["completed"] == served  # the daemon was not asked
+            ed.settings = settings_for(daemon)
+            ed.client.workspace_did_change_configuration(
+                lsp.DidChangeConfigurationParams(settings={"diffucode": ed.settings}))
+            deadline = time.monotonic() + 10
+            while not (await ed.inline(5, 4)).items:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            # snooze and toggle
+            ed.client.protocol.notify("diffucode/snooze", {"minutes": 5})
+            assert (await ed.wait_state("snoozed")).snoozedUntil > time.time() * 1000
+            assert not (await ed.inline(9, 0)).items
+            ed.client.protocol.notify("diffucode/snooze", {"minutes": 0})
+            ed.client.protocol.notify("diffucode/toggle", {"enabled": False})
+            await ed.wait_state("disabled")
+            ed.client.protocol.notify("diffucode/toggle", {"enabled": True})
+            await ed.wait_state("ready")
+            # a bad value is reported, and the rest still applies
+            ed.client.workspace_did_change_configuration(lsp.DidChangeConfigurationParams(
+                settings={"diffucode": settings_for(daemon, maxNewTokens="lots")}))
+            deadline = time.monotonic() + 10
+            while "maxNewTokens = 'lots'" not in (await ed.status()).message:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert any(e.state == "snoozed" for e in ed.status_events)
+        finally:
+            await ed.stop()
+    run(go())
