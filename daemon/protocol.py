@@ -89,6 +89,7 @@ class Sampling:
     top_p: float | None = None
     top_k: int | None = None
     alg_temp: float | None = 0.0
+    eps: float = 1e-3
     seed: int = 0
 
 
@@ -156,7 +157,7 @@ class Status:
     device: str
     dtype: str
     quantization: str
-    memory: dict  # bytes: {"weights": n, "rss": n, "cuda_allocated": n?}
+    memory: dict  # bytes: {"weights", "weights_by_dtype": {dtype: n}, "rss_peak", "cuda_allocated"?, ...}
     queue: dict  # {"pending": n, "running": n, "limit": n}
     counters: dict  # {"completed": n, "cancelled": n, "failed": n}
     uptime_s: float

@@ -151,14 +151,13 @@ class Scheduler:
 
         try:
             tasks = self.get_tasks()
-            opts = tasks_options(p.sampling)
             budget = (p.before_tokens, p.after_tokens)
             if job.method == "complete":
-                ans = tasks.complete(p.before, opts, callback=on_step, budget=budget)
+                ans = tasks.complete(p.before, p.sampling, callback=on_step, budget=budget)
             elif job.method == "infill":
-                ans = tasks.infill(p.before, p.after, opts, lengths=p.lengths, callback=on_step, budget=budget)
+                ans = tasks.infill(p.before, p.after, p.sampling, lengths=p.lengths, callback=on_step, budget=budget)
             else:
-                ans = tasks.refine(p.before, p.span, p.after, opts, fraction=p.fraction, callback=on_step,
+                ans = tasks.refine(p.before, p.span, p.after, p.sampling, fraction=p.fraction, callback=on_step,
                                    budget=budget)
         except Cancelled:
             self._cancelled(job)
@@ -189,11 +188,3 @@ class Scheduler:
         self._finish(job, error=RPCError(ErrorCode.CANCELLED, f"cancelled after {job.steps_run} steps: "
                                                               f"{job.cancel_reason}",
                                          {"steps_run": job.steps_run}))
-
-
-def tasks_options(s):
-    """The protocol's Sampling as the tasks layer's Options."""
-    from .tasks import Options
-
-    return Options(max_new_tokens=s.max_new_tokens, steps=s.steps, alg=s.alg, temperature=s.temperature,
-                   top_p=s.top_p, top_k=s.top_k, alg_temp=s.alg_temp, seed=s.seed)

@@ -20,6 +20,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import InputError, TooLarge
+from .protocol import Sampling
 from .sampler import Result, SamplerConfig, Step, denoise
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -31,27 +32,19 @@ QUERIES = {
 END_TOKENS = ("<|endoftext|>", "<|dlm_pad|>", "<|im_end|>")
 
 
-@dataclass
-class Options:
-    """How to denoise one request. steps=None means one step per canvas token (the
-    reference-equivalent, most careful setting)."""
+# How to denoise one request: the protocol's Sampling (steps=None means one step per canvas
+# token, the reference-equivalent and most careful setting).
+Options = Sampling
 
-    max_new_tokens: int = 32
-    steps: int | None = None
-    alg: str = "entropy"
-    temperature: float = 0.0
-    top_p: float | None = None
-    top_k: int | None = None
-    alg_temp: float | None = 0.0
-    eps: float = 1e-3
-    seed: int = 0
 
-    def sampler(self, canvas: int) -> SamplerConfig:
-        steps = self.steps if self.steps is not None else canvas
-        if self.steps is not None and canvas != self.max_new_tokens:  # keep tokens per step
-            steps = max(1, math.ceil(canvas * self.steps / self.max_new_tokens))
-        return SamplerConfig(steps=steps, alg=self.alg, temperature=self.temperature, top_p=self.top_p,
-                             top_k=self.top_k, alg_temp=self.alg_temp, eps=self.eps)
+def sampler_config(opts: Options, canvas: int) -> SamplerConfig:
+    """The sampler's settings for a canvas of `canvas` masks; a canvas other than
+    max_new_tokens (--lengths, refine) keeps the same tokens per step."""
+    steps = opts.steps if opts.steps is not None else canvas
+    if opts.steps is not None and canvas != opts.max_new_tokens:
+        steps = max(1, math.ceil(canvas * opts.steps / opts.max_new_tokens))
+    return SamplerConfig(steps=steps, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
+                         top_k=opts.top_k, alg_temp=opts.alg_temp, eps=opts.eps)
 
 
 @dataclass
@@ -89,19 +82,21 @@ class Tasks:
         if prompt_format not in ("auto", "raw", "chatml"):
             raise InputError(f"prompt format {prompt_format!r} is unknown (use auto, raw or chatml)")
         self.ckpt, self.tok, self.limits = ckpt, ckpt.tokenizer, limits or Limits()
-        if prompt_format == "auto":
-            prompt_format = "chatml" if self.tok.token_id("<|dlm_pad|>") is not None else "raw"
+        if prompt_format == "auto":  # a checkpoint may say; else <|dlm_pad|> marks Instruct/cpGRPO
+            prompt_format = ckpt.config.extra.get("diffucode_prompt_format") or (
+                "chatml" if self.tok.token_id("<|dlm_pad|>") is not None else "raw")
         self.prompt_format = prompt_format
         ends = {self.tok.token_id(t) for t in END_TOKENS} | {ckpt.config.eos_token_id, ckpt.config.pad_token_id}
         self.end_ids = {i for i in ends if i is not None}
 
     # --- prompt layout -------------------------------------------------------------------
 
-    def _context(self, before: str, after: str, budget: tuple[int | None, int | None] = (None, None)
-                 ) -> tuple[list[int], list[int]]:
+    def _context(self, before: str, after: str, budget: tuple[int | None, int | None] = (None, None),
+                 reserve: int = 0) -> tuple[list[int], list[int]]:
         """Token ids of the code before and after, cut to the caller's per-side budget and to the
         context limit (keeping the tokens nearest the cursor); unused limit on one side goes to
-        the other."""
+        the other. `reserve` tokens (canvas, prompt template) are kept free of the model's
+        positions, so a long file never makes a request fail."""
         for side, n in zip(("before_tokens", "after_tokens"), budget):
             if n is not None and n < 0:
                 raise InputError(f"{side} must be >= 0, got {n}")
@@ -110,13 +105,19 @@ class Tasks:
             b = b[max(0, len(b) - budget[0]):]
         if budget[1] is not None:
             a = a[:budget[1]]
-        budget = self.limits.max_context_tokens
+        budget = max(0, min(self.limits.max_context_tokens, self.ckpt.config.max_position_embeddings - reserve))
         if len(b) + len(a) > budget:
             want_b = int(budget * self.limits.prefix_share)
             keep_a = min(len(a), budget - min(len(b), want_b))
             keep_b = budget - keep_a
             b, a = b[len(b) - keep_b:] if keep_b else [], a[:keep_a]
         return b, a
+
+    @property
+    def template_tokens(self) -> int:
+        """Tokens the prompt format adds around the code."""
+        ids, start = self._layout("refine", [], [], [])
+        return len(ids)
 
     def _layout(self, task: str, before: list[int], canvas: list[int], after: list[int]) -> tuple[list[int], int]:
         """The full sequence and where the region starts."""
@@ -150,7 +151,7 @@ class Tasks:
             step.text = self._preview(step.x[0, region].tolist())
             return callback(step)
 
-        return denoise(self.ckpt.network, x, self.ckpt.mask_id, opts.sampler(canvas),
+        return denoise(self.ckpt.network, x, self.ckpt.mask_id, sampler_config(opts, canvas),
                        generator=gen, callback=with_text if callback else None)
 
     def _preview(self, region: list[int]) -> str:
@@ -197,7 +198,7 @@ class Tasks:
         sizes = sorted(set(lengths)) if lengths else [opts.max_new_tokens]
         for n in sizes:
             self._check_canvas(n)
-        b, a = self._context(before, after, budget)
+        b, a = self._context(before, after, budget, reserve=max(sizes) + self.template_tokens)
         best, candidates = None, []
         for n in sizes:
             ids, start = self._layout(task, b, [self.ckpt.mask_id] * n, a)
@@ -245,7 +246,7 @@ class Tasks:
         if not s:
             raise InputError("the span to refine is empty")
         self._check_canvas(len(s))
-        b, a = self._context(before, after, budget)
+        b, a = self._context(before, after, budget, reserve=len(s) + self.template_tokens)
         lp = self.score(b, s, a)
         k = max(1, round(fraction * len(s)))
         remask = sorted(range(len(s)), key=lambda i: lp[i])[:k]

@@ -5,6 +5,7 @@
     diffucode refine   --model DIR FILE --lines A-B
     diffucode serve    --model DIR [--socket PATH | --tcp 127.0.0.1:PORT]
     diffucode status
+    diffucode quantize --model DIR --scheme nf4|int8 --out DIR2
     diffucode pull     HUB_ID
 
 Heavy imports (torch) happen inside the commands, so `--help` is instant. Errors the user can
@@ -37,7 +38,13 @@ def _model_options(p: argparse.ArgumentParser, tokenizer_note: str = "") -> None
                         "already in the local Hugging Face cache (see `diffucode pull`)" + tokenizer_note)
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16")
+                   help="auto (bf16 on CUDA, fp32 on CPU; quantized, bf16 on CPUs with native bf16), "
+                        "float32, bfloat16 or float16")
+    g.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"],
+                   help="quantize the Linear layers while loading: nf4 (bitsandbytes 4-bit, ~4x smaller; "
+                        "bf16 math) or int8 (bitsandbytes LLM.int8() on CUDA, torch's dynamic int8 on CPU). "
+                        "Embeddings and lm_head keep --dtype. A directory written by `diffucode quantize` "
+                        "loads in its own scheme without this option")
 
 
 def _sampler_options(p: argparse.ArgumentParser, default_alg: str, tokens_help: str) -> None:
@@ -158,6 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The diffucode language server; see `diffucode lsp --help`.")
     p.set_defaults(run=None)  # main() hands `lsp ...` to the language server before parsing
 
+    p = sub.add_parser("quantize", help="write a pre-quantized copy of a checkpoint (loads without re-quantizing)",
+                       description="Quantize a checkpoint's Linear layers once and write the result: "
+                                   "safetensors shards holding the quantized tensors and their "
+                                   "quantization state, config.json with a quantization_config, and "
+                                   "the tokenizer files. Tensors are streamed one at a time, so host "
+                                   "memory stays near one layer plus one shard. `--model DIR2` then "
+                                   "loads it in that scheme on CPU or CUDA.")
+    p.add_argument("--model", required=True, help="the full-precision checkpoint (directory or cached hub id)")
+    p.add_argument("--scheme", required=True, choices=["nf4", "int8"],
+                   help="nf4: 4-bit NormalFloat (bitsandbytes); int8: int8 weights with a scale per row")
+    p.add_argument("--out", required=True, type=Path, help="new directory to write (must not exist or be empty)")
+    p.add_argument("--device", default="auto", help="where to quantize: auto (CUDA when available), cpu, cuda")
+    p.add_argument("--no-double-quant", action="store_true",
+                   help="nf4: keep the per-block absmax in fp32 instead of quantizing it too (~0.4 bit/weight more)")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize lm_head too (it stays in the checkpoint's dtype by default)")
+    p.add_argument("--shard-size", type=_positive_int, default=1024, metavar="MB",
+                   help="largest output shard in MiB (default 1024); host memory holds about one shard")
+    p.add_argument("--check-accuracy", action="store_true",
+                   help="afterwards, compare the quantized and full logits on fixed inputs (loads both)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(run=cmd_quantize)
+
     p = sub.add_parser("pull", help="download a checkpoint from the Hugging Face hub (the only network use)",
                        description="Download configs, safetensors and tokenizer files (never code or "
                                    "pickles) of a hub checkpoint into the local Hugging Face cache.")
@@ -166,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory (default: HF_HOME's)")
     p.set_defaults(run=cmd_pull)
     return parser
+
+
+def _load(args, **kw):
+    from diffucode.daemon.checkpoint import load_checkpoint
+
+    return load_checkpoint(args.model, args.device, args.dtype, quantize=args.quantize, **kw)
 
 
 def _sampler_args(args):
@@ -190,15 +226,15 @@ def _read(path: Path) -> str:
 def cmd_generate(args) -> int:
     import torch
 
-    from diffucode.daemon.checkpoint import load_checkpoint
     from diffucode.daemon.errors import InputError
     from diffucode.daemon.sampler import generate
+    from diffucode.daemon.tasks import sampler_config
 
     try:
         ids = [int(t) for t in args.input_ids.replace(" ", "").split(",") if t]
     except ValueError:
         raise InputError(f"--input-ids {args.input_ids!r}: expected comma-separated integers")
-    ckpt = load_checkpoint(args.model, args.device, args.dtype, require_tokenizer=False)
+    ckpt = _load(args, require_tokenizer=False)
     bad = [i for i in ids if not 0 <= i < ckpt.config.vocab_size]
     if not ids or bad:
         raise InputError(f"--input-ids: need at least one id, each in 0..{ckpt.config.vocab_size - 1}"
@@ -209,7 +245,7 @@ def cmd_generate(args) -> int:
     opts = _sampler_args(args)
     gen = torch.Generator(device=ckpt.device).manual_seed(args.seed)
     result = generate(ckpt.network, torch.tensor([ids], device=ckpt.device), args.max_new_tokens,
-                      ckpt.mask_id, opts.sampler(args.max_new_tokens), generator=gen,
+                      ckpt.mask_id, sampler_config(opts, args.max_new_tokens), generator=gen,
                       keep_history=args.json)
     out = result.x[0].tolist()
     if args.json:
@@ -220,7 +256,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_infill(args) -> int:
-    from diffucode.daemon.checkpoint import load_checkpoint
     from diffucode.daemon.errors import InputError
     from diffucode.daemon.tasks import Tasks, locate
 
@@ -232,7 +267,7 @@ def cmd_infill(args) -> int:
             lengths = [int(v) for v in args.lengths.split(",")]
         except ValueError:
             raise InputError(f"--lengths {args.lengths!r}: expected comma-separated integers")
-    tasks = Tasks(load_checkpoint(args.model, args.device, args.dtype), args.prompt_format)
+    tasks = Tasks(_load(args), args.prompt_format)
     ans = tasks.infill(text[:offset], text[offset:], _sampler_args(args), lengths=lengths)
     if args.json:
         print(json.dumps({"middle": ans.text, "line": args.line, "column": args.column,
@@ -252,7 +287,6 @@ def _lines(text: str) -> list[str]:
 def cmd_refine(args) -> int:
     import difflib
 
-    from diffucode.daemon.checkpoint import load_checkpoint
     from diffucode.daemon.errors import InputError
     from diffucode.daemon.tasks import Tasks, line_span
 
@@ -262,7 +296,7 @@ def cmd_refine(args) -> int:
         raise InputError(f"--lines {args.lines!r}: expected A-B, e.g. 3-10")
     text = _read(args.file)
     start, end = line_span(text, first, last)
-    tasks = Tasks(load_checkpoint(args.model, args.device, args.dtype), args.prompt_format)
+    tasks = Tasks(_load(args), args.prompt_format)
     ans = tasks.refine(text[:start], text[start:end], text[end:], _sampler_args(args), fraction=args.fraction)
     new_text = text[:start] + ans.text + text[end:]
     name = str(args.file)
@@ -302,11 +336,47 @@ def cmd_status(args) -> int:
     print(f"daemon at {address} (pid {status['limits']['pid']}, diffucode {status['version']}), "
           f"up {status['uptime_s']:.0f} s")
     print(f"model:   {status['model']} on {status['device']}, {status['dtype']}, "
-          f"quantization {status['quantization']}, weights {mem['weights'] / 2**20:.1f} MiB")
+          f"quantization {status['quantization']}")
+    print(f"memory:  weights {_sizes(mem['weights_by_dtype'])}"
+          + (f"; CUDA {mem['cuda_allocated'] / 2**20:.1f} MiB allocated" if "cuda_allocated" in mem else "")
+          + (f"; peak RSS {mem['rss_peak'] / 2**20:.1f} MiB" if mem.get("rss_peak") else ""))
     print(f"queue:   {queue['running']} running, {queue['pending']} pending (limit {queue['limit']})")
     print(f"served:  {counters['completed']} completed, {counters['cancelled']} cancelled, "
           f"{counters['failed']} failed")
     print(f"reload:  {reload['state']}" + (f" ({reload['error']})" if reload.get("error") else ""))
+    return 0
+
+
+def _sizes(by_dtype: dict) -> str:
+    parts = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in by_dtype.items())
+    return f"{sum(by_dtype.values()) / 2**20:.1f} MiB ({parts})"
+
+
+def cmd_quantize(args) -> int:
+    from diffucode.quantization.prequantized import write_prequantized
+    from diffucode.quantization.schemes import QuantConfig
+
+    qcfg = QuantConfig(scheme=args.scheme, double_quant=not args.no_double_quant,
+                       skip_modules=[] if args.quantize_lm_head else ["lm_head"])
+    report = write_prequantized(args.model, args.out, qcfg, device=args.device,
+                                shard_bytes=args.shard_size << 20, progress=not args.json)
+    if args.check_accuracy:
+        from diffucode.quantization.accuracy import check_checkpoints
+
+        report["accuracy"] = check_checkpoints(args.model, args.out, report["device"])
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"wrote {report['out']}: {args.scheme}, {report['quantized_linears']} Linear layers, "
+          f"{len(report['shards'])} shard(s), in {report['seconds']:.1f} s on {report['device']}\n"
+          f"source:  {_sizes(report['source_bytes_by_dtype'])}\nwritten: {_sizes(report['output_bytes_by_dtype'])}")
+    if "cuda_peak_allocated" in report:
+        print(f"device:  CUDA peak {report['cuda_peak_allocated'] / 2**20:.1f} MiB allocated while quantizing")
+    if "accuracy" in report:
+        acc = report["accuracy"]
+        print(f"logits:  relative error {acc['relative_error']:.4f}, top-1 agreement "
+              f"{acc['top1_agreement']:.3f} on {acc['positions']} fixed positions")
+    print(f"serve it with: diffucode serve --model {report['out']}")
     return 0
 
 

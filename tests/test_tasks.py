@@ -105,3 +105,19 @@ def test_per_request_budget_cuts_each_side(tiny_ckpt):
     before, after = "x = 1\n" * 50, "y = 2\n" * 50
     b, a = t._context(before, after, (12, 5))
     assert b == t.tok.encode(before)[-12:] and a == t.tok.encode(after)[:5]
+
+
+def test_long_files_are_cut_to_the_model_positions(tmp_path):
+    import json
+
+    from diffucode.daemon.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "short")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["max_position_embeddings"] = 64
+    (path / "config.json").write_text(json.dumps(cfg))
+    t = Tasks(load_checkpoint(path, device="cpu"))
+    ans = t.infill("x = 1\n" * 200, "y = 2\n" * 200, Options(max_new_tokens=16))
+    assert ans.steps_run == 16
+    with pytest.raises(InputError, match="sequence of 70 tokens exceeds the model's 64 positions"):
+        t.infill("", "", Options(max_new_tokens=70))
