@@ -6,6 +6,10 @@ cache (offline: only `diffucode pull` touches the network). The network is built
 device and the memory-mapped safetensors are assigned to it, so loading costs little more than
 reading the files. Every name, shape and dtype is checked first; an error names the file and
 the tensor, what was expected and what was found.
+
+Quantized loading is delegated to diffucode.quantization: with `quantize`, the Linear layers are
+swapped for quantized ones on the device as they load; a directory whose config.json has a
+`quantization_config` (written by `diffucode quantize`) is read by that package's loader.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from safetensors import safe_open
@@ -21,6 +26,9 @@ from safetensors import safe_open
 from .errors import CheckpointError
 from .network import Dream, DreamConfig
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from diffucode.quantization.schemes import QuantConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -38,6 +46,11 @@ class Checkpoint:
     tokenizer: Tokenizer | None  # None when the directory has no tokenizer files
     device: torch.device
     dtype: torch.dtype
+    quant_config: QuantConfig | None = None  # how the Linear layers are quantized; None: not at all
+
+    @property
+    def quantization(self) -> str:
+        return self.quant_config.scheme if self.quant_config is not None else "none"
 
     @property
     def mask_id(self) -> int:
@@ -135,35 +148,52 @@ def expected_shapes(cfg: DreamConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in net.state_dict().items()}
 
 
-def load_weights(path: Path, cfg: DreamConfig, device: torch.device, dtype: torch.dtype) -> Dream:
-    expected = expected_shapes(cfg)
-    tensors: dict[str, torch.Tensor] = {}
+def iter_tensors(path: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) for every tensor of a checkpoint, one at a time, memory-mapped."""
     for file in weight_files(path):
         try:
-            # mmap'd; .to() copies only when the device or dtype differs
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name not in expected:
-                        raise CheckpointError(f"{file.name}: unexpected tensor {name!r} "
-                                              f"(not part of a Dream network with this config.json)")
-                    t = f.get_tensor(name)
-                    if tuple(t.shape) != expected[name]:
-                        raise CheckpointError(f"{file.name}: tensor {name!r} has shape {list(t.shape)}, "
-                                              f"expected {list(expected[name])} from config.json")
-                    if not t.is_floating_point():
-                        raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {t.dtype}, "
-                                              f"expected a floating-point dtype")
-                    tensors[name] = t.to(device=device, dtype=dtype)
-        except CheckpointError:
-            raise
+            handle = safe_open(file, framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"{file}: cannot read safetensors ({e})") from e
+        with handle as f:
+            for name in f.keys():
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from e
+                yield file, name, tensor
+
+
+def check_tensor(file: Path, name: str, t: torch.Tensor, expected: dict[str, tuple[int, ...]]) -> None:
+    """A full-precision tensor's name, shape and dtype against the network config.json describes."""
+    if name not in expected:
+        raise CheckpointError(f"{file.name}: unexpected tensor {name!r} "
+                              f"(not part of a Dream network with this config.json)")
+    if tuple(t.shape) != expected[name]:
+        raise CheckpointError(f"{file.name}: tensor {name!r} has shape {list(t.shape)}, "
+                              f"expected {list(expected[name])} from config.json")
+    if not t.is_floating_point():
+        raise CheckpointError(f"{file.name}: tensor {name!r} has dtype {t.dtype}, "
+                              f"expected a floating-point dtype")
+
+
+def check_complete(path: Path, cfg: DreamConfig, tensors: dict, expected) -> None:
+    """Every expected tensor is there (a tied lm_head may borrow the embeddings)."""
     if "lm_head.weight" not in tensors and cfg.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     missing = [n for n in expected if n not in tensors]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{path}: missing tensors {shown}")
+
+
+def load_weights(path: Path, cfg: DreamConfig, device: torch.device, dtype: torch.dtype) -> Dream:
+    expected = expected_shapes(cfg)
+    tensors: dict[str, torch.Tensor] = {}
+    for file, name, t in iter_tensors(path):
+        check_tensor(file, name, t, expected)
+        tensors[name] = t.to(device=device, dtype=dtype)  # mmap'd: copies only for another device/dtype
+    check_complete(path, cfg, tensors, expected)
     with torch.device("meta"):
         net = Dream(cfg)
     net.load_state_dict(tensors, strict=True, assign=True)
@@ -171,12 +201,18 @@ def load_weights(path: Path, cfg: DreamConfig, device: torch.device, dtype: torc
 
 
 def load_checkpoint(model: str | Path, device: str = "auto", dtype: str = "auto",
-                    require_tokenizer: bool = True) -> Checkpoint:
+                    require_tokenizer: bool = True, quantize: str | QuantConfig = "none") -> Checkpoint:
     """Load a checkpoint directory or a locally cached hub id.
 
     require_tokenizer=False allows directories without tokenizer files (token ids in and out,
-    as `diffucode generate` takes).
+    as `diffucode generate` takes). quantize is "none", "nf4", "int8" or a QuantConfig: the
+    Linear layers are quantized on the device while loading. A pre-quantized directory (from
+    `diffucode quantize`) loads in the scheme it holds, without re-quantizing; "none" accepts
+    it, another scheme is an error.
     """
+    from diffucode.quantization.schemes import QuantConfig, check_scheme
+
+    scheme = quantize.scheme if isinstance(quantize, QuantConfig) else check_scheme(quantize)
     path = resolve_path(model)
     cfg = read_config(path)
     dev = resolve_device(device)
@@ -186,8 +222,21 @@ def load_checkpoint(model: str | Path, device: str = "auto", dtype: str = "auto"
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but "
                               f"config.json's vocab_size is {cfg.vocab_size}")
-    net = load_weights(path, cfg, dev, dt)
-    return Checkpoint(path=path, config=cfg, network=net, tokenizer=tokenizer, device=dev, dtype=dt)
+    if "quantization_config" in cfg.extra:
+        from diffucode.quantization.prequantized import load_prequantized
+
+        net, qcfg = load_prequantized(path, cfg, dev, dt, asked=scheme)
+    elif scheme != "none":
+        from diffucode.quantization.schemes import prepare
+        from diffucode.quantization.swap import quantize_network
+
+        qcfg = quantize if isinstance(quantize, QuantConfig) else QuantConfig(scheme=scheme)
+        prepare(qcfg.scheme, dev)  # a missing library is reported before 15 GB are read
+        net = quantize_network(load_weights(path, cfg, torch.device("cpu"), dt), qcfg, dev, dt)
+    else:
+        net, qcfg = load_weights(path, cfg, dev, dt), None
+    return Checkpoint(path=path, config=cfg, network=net, tokenizer=tokenizer, device=dev, dtype=dt,
+                      quant_config=qcfg)
 
 
 def pull(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> Path:

@@ -13,8 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 from .checkpoint import load_checkpoint, resolve_path
 from .tasks import Limits, Tasks
 
@@ -23,9 +21,9 @@ log = logging.getLogger("diffucode.model")
 
 class ModelState:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", prompt_format: str = "auto",
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, quantize: str = "none"):
         self.source = model
-        self._load_args = (device, dtype, prompt_format, limits)
+        self._load_args = (device, dtype, prompt_format, limits, quantize)
         self.tasks = self._load()
         self.path: Path = self.tasks.ckpt.path
         self.reload_state = {"state": "idle", "error": None, "at": None, "reloads": 0}
@@ -34,8 +32,8 @@ class ModelState:
         self._lock = threading.Lock()
 
     def _load(self) -> Tasks:
-        device, dtype, prompt_format, limits = self._load_args
-        ckpt = load_checkpoint(self.source, device, dtype)
+        device, dtype, prompt_format, limits, quantize = self._load_args
+        ckpt = load_checkpoint(self.source, device, dtype, quantize=quantize)
         return Tasks(ckpt, prompt_format, limits)
 
     @property
@@ -48,20 +46,15 @@ class ModelState:
 
     @property
     def quantization(self) -> str:
-        return "none"
+        return self.tasks.ckpt.quantization
 
     def memory(self) -> dict:
+        """Weight bytes per dtype (quantization state included), peak RSS, CUDA counters."""
+        from diffucode.quantization.memory import memory_report
+
         from .server import rss_bytes
 
-        by_dtype: dict[str, int] = {}
-        for p in self.tasks.ckpt.network.state_dict().values():
-            key = str(p.dtype).removeprefix("torch.")
-            by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
-        mem = {"weights": sum(by_dtype.values()), "weights_by_dtype": by_dtype, "rss_peak": rss_bytes()}
-        if torch.cuda.is_available() and self.tasks.ckpt.device.type == "cuda":
-            mem["cuda_allocated"] = torch.cuda.memory_allocated(self.tasks.ckpt.device)
-            mem["cuda_reserved"] = torch.cuda.memory_reserved(self.tasks.ckpt.device)
-        return mem
+        return {**memory_report(self.tasks.ckpt.network, self.tasks.ckpt.device), "rss_peak": rss_bytes()}
 
     # --- hot reload -------------------------------------------------------------------------
 

@@ -99,8 +99,10 @@ def serve(args, address: Address) -> int:
         return 1
     started = time.monotonic()
     state = ModelState(args.model, args.device, args.dtype, args.prompt_format,
-                       Limits(max_canvas_tokens=args.max_canvas_tokens, max_context_tokens=args.max_context_tokens))
-    log.info("loaded %s on %s (%s) in %.2f s", state.path, state.device, state.dtype, time.monotonic() - started)
+                       Limits(max_canvas_tokens=args.max_canvas_tokens, max_context_tokens=args.max_context_tokens),
+                       quantize=args.quantize)
+    log.info("loaded %s on %s (%s, quantization %s) in %.2f s", state.path, state.device, state.dtype,
+             state.quantization, time.monotonic() - started)
     if not args.no_watch:
         state.watch()
     server = DaemonServer(state, address, ServerLimits(max_frame_bytes=args.max_frame_bytes,

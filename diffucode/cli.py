@@ -38,8 +38,7 @@ def _model_options(p: argparse.ArgumentParser, tokenizer_note: str = "") -> None
                         "already in the local Hugging Face cache (see `diffucode pull`)" + tokenizer_note)
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on CUDA, fp32 on CPU; quantized, bf16 on CPUs with native bf16), "
-                        "float32, bfloat16 or float16")
+                   help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16")
     g.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"],
                    help="quantize the Linear layers while loading: nf4 (bitsandbytes 4-bit, ~4x smaller; "
                         "bf16 math) or int8 (bitsandbytes LLM.int8() on CUDA, torch's dynamic int8 on CPU). "
