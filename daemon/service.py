@@ -98,7 +98,9 @@ def serve(args, address: Address) -> int:
     if lock is None:
         return 1
     started = time.monotonic()
-    state = ModelState(args.model, args.device, args.dtype, args.prompt_format,
+    from diffucode.models import default_model
+
+    state = ModelState(args.model or str(default_model()), args.device, args.dtype, args.prompt_format,
                        Limits(max_canvas_tokens=args.max_canvas_tokens, max_context_tokens=args.max_context_tokens),
                        quantize=args.quantize)
     log.info("loaded %s on %s (%s, quantization %s) in %.2f s", state.path, state.device, state.dtype,

@@ -33,9 +33,10 @@ def _positive_int(text: str) -> int:
 
 def _model_options(p: argparse.ArgumentParser, tokenizer_note: str = "") -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True,
+    g.add_argument("--model", default=None,
                    help="checkpoint directory (config.json, safetensors, tokenizer files) or a hub id "
-                        "already in the local Hugging Face cache (see `diffucode pull`)" + tokenizer_note)
+                        "already in the local Hugging Face cache (see `diffucode pull`); default: the "
+                        "small model bundled with diffucode" + tokenizer_note)
     g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto",
                    help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16")
@@ -197,10 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model(args) -> str:
+    """--model, or the bundled model."""
+    from diffucode.models import default_model
+
+    return args.model or str(default_model())
+
+
 def _load(args, **kw):
     from diffucode.daemon.checkpoint import load_checkpoint
 
-    return load_checkpoint(args.model, args.device, args.dtype, quantize=args.quantize, **kw)
+    return load_checkpoint(_model(args), args.device, args.dtype, quantize=args.quantize, **kw)
 
 
 def _sampler_args(args):
