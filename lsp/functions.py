@@ -67,7 +67,12 @@ def indent_function(lines: list[str], line: int) -> tuple[int, int] | None:
 
 
 def enclosing_function(source: str, line: int, language_id: str = "") -> tuple[int, int] | None:
-    if language_id == "python" or (not language_id and python_function(source, line)):
+    if language_id == "python":
+        try:
+            ast.parse(source)
+        except SyntaxError:  # mid-edit: fall back to indentation
+            lines = source.split("\n")
+            return indent_function(lines, line) if 0 <= line < len(lines) else None
         return python_function(source, line)
     lines = source.split("\n")
     if not 0 <= line < len(lines):

@@ -103,7 +103,7 @@ def did_open(ls: DiffucodeServer, params: lsp.DidOpenTextDocumentParams) -> None
 
 # --- inline completion -----------------------------------------------------------------------
 
-@server.feature(lsp.TEXT_DOCUMENT_INLINE_COMPLETION)
+@server.feature(lsp.TEXT_DOCUMENT_INLINE_COMPLETION, lsp.InlineCompletionOptions())  # options: advertised
 async def inline_completion(ls: DiffucodeServer, params: lsp.InlineCompletionParams) -> lsp.InlineCompletionList:
     empty = lsp.InlineCompletionList(items=[])
     doc = ls.workspace.get_text_document(params.text_document.uri)

@@ -102,6 +102,8 @@ class DiffucodeServer(LanguageServer):
             self.publish_status()
 
         self._connecting = asyncio.ensure_future(attempt())
+        # status() reads the task's state: publish again once it is done
+        self._connecting.add_done_callback(lambda _: self.publish_status())
         self.publish_status()
 
     def connected(self) -> bool:

@@ -59,7 +59,7 @@ class Editor:
 
     async def start(self, text: str = SOURCE):
         await self.client.start_io(sys.executable, "-m", "diffucode", "lsp", "--log-level", "DEBUG")
-        await self.client.initialize_async(lsp.InitializeParams(
+        self.init_result = await self.client.initialize_async(lsp.InitializeParams(
             capabilities=lsp.ClientCapabilities(workspace=lsp.WorkspaceClientCapabilities(configuration=True)),
             initialization_options={"settings": self.settings}))
         self.client.initialized(lsp.InitializedParams())
@@ -114,8 +114,10 @@ def test_inline_completion_round_trip_and_type_through(daemon):
         ed = Editor(settings_for(daemon))
         await ed.start()
         try:
+            assert ed.init_result.capabilities.inline_completion_provider is not None  # editors ask only then
             await ed.wait_state("ready")
-            result = await ed.inline(5, 4)  # start of `return total` line... inside `add`
+            assert any(e.state == "ready" for e in ed.status_events)  # published, not only when asked
+            result = await ed.inline(5, 4)  # start of the `return total` line, inside `add`
             texts = [i.insert_text for i in result.items]
             assert texts and all(t.strip() for t in texts)
             item = result.items[0]

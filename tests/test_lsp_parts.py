@@ -56,6 +56,8 @@ def test_enclosing_function_python_and_braces():
     py = "import os\n\n@decorator\ndef f(x):\n    y = x\n    return y\n\nz = 1\n"
     assert enclosing_function(py, 4, "python") == (2, 5)
     assert enclosing_function(py, 7, "python") is None
+    broken = "def f(x):\n    y = (x\n    return y\n\nz = 1\n"  # mid-edit: no parse
+    assert enclosing_function(broken, 1, "python") == (0, 2)
     js = "const a = 1;\nfunction add(a, b) {\n  if (a) {\n    return a + b;\n  }\n}\n"
     assert enclosing_function(js, 3, "javascript") == (1, 5)
     assert enclosing_function(js, 0, "javascript") is None
