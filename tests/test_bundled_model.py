@@ -1,0 +1,60 @@
+"""The model that ships with diffucode: present, small, unchanged, and working out of the box."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from diffucode.daemon.checkpoint import load_checkpoint
+from diffucode.daemon.tasks import Options, Tasks
+from diffucode.models import default_model
+
+MODEL = default_model()
+# unittest/util.py, a held-out standard-library file (training/train.py's split): never trained on
+HELD_OUT = '''def safe_repr(obj, short=False):
+    try:
+        result = repr(obj)
+    except Exception:
+        result = object.__repr__(obj)
+    if not short or len(result) < _MAX_LENGTH:
+        return result
+    return result[:_MAX_LENGTH] + ' [truncated]...'
+'''
+GAP = HELD_OUT.replace("        result = repr(obj)\n", "        \n")  # line 3 emptied: fill it
+CURSOR = GAP.index("        \n") + 8  # line 3, column 9
+
+
+def test_files_match_the_recorded_checksums():
+    sums = dict(reversed(line.split("  ", 1)) for line in (MODEL / "SHA256SUMS").read_text().splitlines())
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt", "training.json"} <= set(sums)
+    for name, digest in sums.items():
+        assert hashlib.sha256((MODEL / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_small_enough_and_trained_as_recorded():
+    size = sum(p.stat().st_size for p in MODEL.iterdir())
+    assert size <= 30 * 2**20, f"{size} bytes"
+    record = json.loads((MODEL / "training.json").read_text())
+    assert record["command"].startswith("python training/train.py") and record["seed"] == 0
+    assert len(record["data"]["sha256"]) == 64 and record["minutes"] <= 120
+    assert record["curve"][-1]["loss"] < record["curve"][0]["loss"]
+
+
+def test_loads_through_the_normal_loader_and_infills_held_out_code():
+    tasks = Tasks(load_checkpoint(MODEL, device="cpu"))
+    assert tasks.prompt_format == "raw"
+    ans = tasks.infill(GAP[:CURSOR], GAP[CURSOR:], Options(max_new_tokens=16))
+    assert ans.text.strip() and "<|" not in ans.text
+
+
+@pytest.mark.parametrize("args", [["--line", 3, "--column", 9]])
+def test_infill_without_model_uses_the_bundled_one(tmp_path, args):
+    path = tmp_path / "split.py"
+    path.write_text(GAP)
+    proc = subprocess.run([sys.executable, "-m", "diffucode", "infill", str(path), *map(str, args)],
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip()
+    assert path.read_text() == GAP
