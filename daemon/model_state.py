@@ -21,9 +21,10 @@ log = logging.getLogger("diffucode.model")
 
 class ModelState:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", prompt_format: str = "auto",
-                 limits: Limits | None = None, quantize: str = "none"):
+                 limits: Limits | None = None, quantize: str = "none", decoding: str = "exact",
+                 cuda_graphs: bool = False, prefix_cache: bool = False):
         self.source = model
-        self._load_args = (device, dtype, prompt_format, limits, quantize)
+        self._load_args = (device, dtype, prompt_format, limits, quantize, decoding, cuda_graphs, prefix_cache)
         self.tasks = self._load()
         self.path: Path = self.tasks.ckpt.path
         self.reload_state = {"state": "idle", "error": None, "at": None, "reloads": 0}
@@ -32,9 +33,10 @@ class ModelState:
         self._lock = threading.Lock()
 
     def _load(self) -> Tasks:
-        device, dtype, prompt_format, limits, quantize = self._load_args
+        device, dtype, prompt_format, limits, quantize, decoding, cuda_graphs, prefix_cache = self._load_args
         ckpt = load_checkpoint(self.source, device, dtype, quantize=quantize)
-        return Tasks(ckpt, prompt_format, limits)
+        return Tasks(ckpt, prompt_format, limits, decoding=decoding,
+                     cuda_graphs=cuda_graphs and ckpt.device.type == "cuda", prefix_cache=prefix_cache)
 
     @property
     def device(self) -> str:

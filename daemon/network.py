@@ -206,15 +206,17 @@ class Dream(nn.Module):
         past_kv: list[KV] | None = None,  # per layer, cached K/V of positions not recomputed
         predict_positions: torch.Tensor | None = None,  # (B, P) indices into input_ids; None = all
         return_kv: bool = False,
+        rows_attend: bool = False,  # the caller vouches that every row of attention_mask attends somewhere
     ) -> Output:
         B, T = input_ids.shape
         past_len = past_kv[0][0].shape[2] if past_kv else 0
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=input_ids.device).expand(B, T)
-        if attention_mask is not None:
+        if attention_mask is not None and not rows_attend:
             # A row that may attend to nothing (a pad position) gives NaN in SDPA and the NaN
             # spreads through the values; let such rows see themselves instead. Other rows are
-            # unaffected since nobody attends to a pad position.
+            # unaffected since nobody attends to a pad position. (The check syncs with the device,
+            # which a CUDA graph cannot capture: callers that know better pass rows_attend.)
             dead = ~attention_mask.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
             if dead.any():
                 eye = torch.zeros_like(attention_mask)

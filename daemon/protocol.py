@@ -91,6 +91,15 @@ class Sampling:
     alg_temp: float | None = 0.0
     eps: float = 1e-3
     seed: int = 0
+    # "exact": the reference sampler, a full forward per step. "fast": block-wise decoding on a
+    # dual KV cache, revealing every token at least `threshold` probable (daemon/fast.py).
+    # None: the receiver's default (the daemon's `serve --decoding`; exact in the CLI).
+    decoding: str | None = None
+    threshold: float | None = None  # fast: None = the default (daemon/fast.py DEFAULT_THRESHOLD)
+    block_size: int = 32  # fast: positions decoded together against the cache
+    # fast: encode the far context (before the cursor) chunk-causally and reuse its K/V for the
+    # group's next request (daemon/kvcache.py); None: the receiver's default (`serve --prefix-cache`)
+    prefix_cache: bool | None = None
 
 
 @dataclass

@@ -92,32 +92,45 @@ def top_k_logits(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(remove, torch.finfo(logits.dtype).min)
 
 
-def sample_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator | None = None,
-                  confidence: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of (M, V) logits, and its confidence.
-
-    confidence: "prob" (probability of the chosen token; maskgit_plus), "margin" (p1 - p2;
-    topk_margin) or "neg_entropy" (sum p log p; entropy). Higher is more certain.
-    """
+def filtered_probs(logits: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
+    """(M, V) probabilities after temperature, top-p and top-k, as the reference computes them."""
     if cfg.temperature > 0:
         logits = logits / cfg.temperature
     if cfg.top_p is not None and cfg.top_p < 1:
         logits = top_p_logits(logits, cfg.top_p)
     if cfg.top_k is not None:
         logits = top_k_logits(logits, cfg.top_k)
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def draw_tokens(probs: torch.Tensor, cfg: SamplerConfig,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of (M, V) probabilities (sampled when temperature > 0, else the most
+    probable), and its probability."""
     if cfg.temperature > 0 and probs.shape[0] > 0:
         # as torch.distributions.Categorical(probs).sample() draws, so a seed gives the same tokens
         tokens = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, True, generator=generator).squeeze(-1)
-        conf = torch.gather(probs, -1, tokens.unsqueeze(-1)).squeeze(-1)
-    else:
-        conf, tokens = probs.max(dim=-1)
+        return torch.gather(probs, -1, tokens.unsqueeze(-1)).squeeze(-1), tokens
+    return probs.max(dim=-1)
+
+
+def confidence_of(probs: torch.Tensor, chosen: torch.Tensor, confidence: str) -> torch.Tensor:
+    """"prob" (probability of the chosen token; maskgit_plus), "margin" (p1 - p2; topk_margin)
+    or "neg_entropy" (sum p log p; entropy). Higher is more certain."""
     if confidence == "margin":
         top2 = torch.sort(probs, dim=-1, descending=True)[0]
-        conf = top2[:, 0] - top2[:, 1]
-    elif confidence == "neg_entropy":
-        conf = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
-    return conf, tokens
+        return top2[..., 0] - top2[..., 1]
+    if confidence == "neg_entropy":
+        return torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
+    return chosen
+
+
+def sample_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator | None = None,
+                  confidence: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of (M, V) logits, and its confidence (see `confidence_of`)."""
+    probs = filtered_probs(logits, cfg)
+    chosen, tokens = draw_tokens(probs, cfg, generator)
+    return confidence_of(probs, chosen, confidence), tokens
 
 
 CONFIDENCE_OF = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "neg_entropy"}

@@ -1,12 +1,13 @@
 """The scheduler: a queue of task requests, one model thread, cancellation between steps.
 
 The asyncio side (the server) submits jobs and awaits their futures; one worker thread runs
-them on the model, one at a time, so the event loop never blocks on a forward pass. Every job
-carries a cancel flag that the sampler's per-step callback checks, so a cancelled job stops
-within one denoising step and frees its tensors. A job may name a group (an editor document):
-a newer job of the same group cancels the older. A deadline makes the sampler fill every
-remaining mask in one last step. Knows tasks and jobs; not sockets, not msgpack.
-"""
+them on the model, so the event loop never blocks on a forward pass. Pending jobs that can
+share forward passes (batching.py: same kind, canvas and settings, deterministic decoding) run
+as one batch. Every job carries a cancel flag that the sampler's per-step callback checks, so a
+cancelled job stops within one denoising step and frees its tensors (in a batch it leaves the
+batch; the others go on). A job may name a group (an editor document): a newer job of the same
+group cancels the older. A deadline makes the sampler fill every remaining mask in one last
+step. Knows tasks and jobs; not sockets, not msgpack."""
 
 from __future__ import annotations
 
@@ -43,13 +44,14 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, get_tasks: Callable[[], Any], max_queue: int = 16):
+    def __init__(self, get_tasks: Callable[[], Any], max_queue: int = 16, max_batch: int = 8):
         self.get_tasks = get_tasks  # the current Tasks (hot reload swaps it between jobs)
         self.max_queue = max_queue
+        self.max_batch = max_batch  # jobs that may share forward passes (batching.py)
         self.pending: deque[Job] = deque()
-        self.running: Job | None = None
+        self.running: list[Job] = []
         self.groups: dict[str, Job] = {}
-        self.counters = {"completed": 0, "cancelled": 0, "failed": 0}
+        self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "batched": 0}
         self.last_cancelled_steps: int | None = None
         self._wake = threading.Condition()
         self._stop = False
@@ -80,15 +82,15 @@ class Scheduler:
     def queue_state(self) -> dict:
         with self._wake:
             pending = sum(1 for j in self.pending if not j.cancelled.is_set())
-        return {"pending": pending, "running": int(self.running is not None), "limit": self.max_queue}
+        return {"pending": pending, "running": len(self.running), "limit": self.max_queue}
 
     def stop(self) -> None:
         with self._wake:
             self._stop = True
             for job in self.pending:
                 job.cancel("the daemon is shutting down")
-            if self.running:
-                self.running.cancel("the daemon is shutting down")
+            for job in self.running:
+                job.cancel("the daemon is shutting down")
             self._wake.notify()
 
     def wait_idle(self, timeout: float) -> bool:
@@ -105,14 +107,35 @@ class Scheduler:
                 if self._stop and not self.pending:
                     return
                 job = self.pending.popleft()
-                self.running = job
+                jobs = [job] + self._companions(job)
+                self.running = jobs
             try:
-                self._run(job)
+                self._run(jobs)
             finally:
                 with self._wake:
-                    self.running = None
-                    if job.params.group is not None and self.groups.get(job.params.group) is job:
-                        del self.groups[job.params.group]
+                    self.running = []
+                    for job in jobs:
+                        if job.params.group is not None and self.groups.get(job.params.group) is job:
+                            del self.groups[job.params.group]
+
+    def _companions(self, job: Job) -> list[Job]:
+        """Pending jobs that can share `job`'s forward passes (batching.batch_key); taken off the queue."""
+        if self.max_batch < 2 or not self.pending or job.cancelled.is_set():
+            return []
+        from .batching import batch_key  # here: the module imports torch
+
+        try:
+            tasks = self.get_tasks()
+            key = batch_key(tasks, job.method, job.params)
+            if key is None:
+                return []
+            mates = [j for j in self.pending if not j.cancelled.is_set()
+                     and batch_key(tasks, j.method, j.params) == key][:self.max_batch - 1]
+        except DiffucodeError:  # e.g. an unknown decoding: the job runs alone and reports it
+            return []
+        for j in mates:
+            self.pending.remove(j)
+        return mates
 
     def _finish(self, job: Job, result=None, error: RPCError | None = None) -> None:
         def settle():
@@ -124,62 +147,72 @@ class Scheduler:
                 job.future.set_result(result)
         job.loop.call_soon_threadsafe(settle)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, jobs: list[Job]) -> None:
         started = time.monotonic()
-        queued_ms = (started - job.created) * 1000
-        if job.cancelled.is_set():
-            self._cancelled(job)
-            return
-        p = job.params
-        deadline = None if p.deadline_ms is None else job.created + p.deadline_ms / 1000
-        finished_early = False
-
-        from .sampler import FINISH  # here, not at the top: `diffucode status` must not import torch
-
-        def on_step(step):
-            nonlocal finished_early
-            job.steps_run += 1
+        live = []
+        for job in jobs:
             if job.cancelled.is_set():
-                raise Cancelled(job.cancel_reason)
-            if job.on_progress is not None:
-                job.loop.call_soon_threadsafe(job.on_progress, {
-                    "step": step.index, "steps": step.steps, "masks_left": step.masks_left, "text": step.text})
-            if deadline is not None and time.monotonic() >= deadline and step.masks_left:
-                finished_early = True
-                return FINISH
-            return None
-
+                self._cancelled(job)
+            else:
+                live.append(job)
+        if not live:
+            return
+        watches = [_Watch(job) for job in live]
         try:
             tasks = self.get_tasks()
-            budget = (p.before_tokens, p.after_tokens)
-            if job.method == "complete":
-                ans = tasks.complete(p.before, p.sampling, callback=on_step, budget=budget)
-            elif job.method == "infill":
-                ans = tasks.infill(p.before, p.after, p.sampling, lengths=p.lengths, callback=on_step, budget=budget)
-            else:
-                ans = tasks.refine(p.before, p.span, p.after, p.sampling, fraction=p.fraction, callback=on_step,
-                                   budget=budget)
-        except Cancelled:
+        except Exception as e:
+            for job, watch in zip(live, watches):
+                self._settle(job, e, watch, started)
+            return
+        if len(live) == 1:
+            try:
+                outcome = self._call(tasks, live[0], watches[0].on_step)
+            except Exception as e:
+                outcome = e
+            self._settle(live[0], outcome, watches[0], started)
+            return
+        from .batching import BatchItem, run_batch
+
+        self.counters["batched"] += len(live)
+        items = [BatchItem(job.method, job.params.before, getattr(job.params, "after", ""), job.params.sampling,
+                           (job.params.before_tokens, job.params.after_tokens), watch.on_step,
+                           getattr(job.params, "lengths", None)) for job, watch in zip(live, watches)]
+        run_batch(tasks, items, lambda i, outcome: self._settle(live[i], outcome, watches[i], started))
+
+    @staticmethod
+    def _call(tasks, job: Job, on_step):
+        p = job.params
+        budget = (p.before_tokens, p.after_tokens)
+        if job.method == "complete":
+            return tasks.complete(p.before, p.sampling, callback=on_step, budget=budget, group=p.group)
+        if job.method == "infill":
+            return tasks.infill(p.before, p.after, p.sampling, lengths=p.lengths, callback=on_step, budget=budget,
+                                group=p.group)
+        return tasks.refine(p.before, p.span, p.after, p.sampling, fraction=p.fraction, callback=on_step,
+                            budget=budget, group=p.group)
+
+    def _settle(self, job: Job, outcome, watch: "_Watch", started: float) -> None:
+        """Answer a job with its Answer, or the error its exception means."""
+        if isinstance(outcome, Cancelled):
             self._cancelled(job)
             return
-        except TooLarge as e:
+        if isinstance(outcome, BaseException):
             self.counters["failed"] += 1
-            self._finish(job, error=RPCError(ErrorCode.TOO_LARGE, str(e)))
+            if isinstance(outcome, TooLarge):
+                error = RPCError(ErrorCode.TOO_LARGE, str(outcome))
+            elif isinstance(outcome, DiffucodeError):
+                error = RPCError(ErrorCode.INVALID_PARAMS, str(outcome))
+            else:  # a failure inside the model must not kill the worker
+                log.error("%s failed", job.method, exc_info=outcome)
+                error = RPCError(ErrorCode.MODEL_ERROR, f"{type(outcome).__name__}: {outcome}")
+            self._finish(job, error=error)
             return
-        except DiffucodeError as e:
-            self.counters["failed"] += 1
-            self._finish(job, error=RPCError(ErrorCode.INVALID_PARAMS, str(e)))
-            return
-        except Exception as e:  # a failure inside the model must not kill the worker
-            log.exception("%s failed", job.method)
-            self.counters["failed"] += 1
-            self._finish(job, error=RPCError(ErrorCode.MODEL_ERROR, f"{type(e).__name__}: {e}"))
-            return
+        ans = outcome
         self.counters["completed"] += 1
         self._finish(job, TaskResult(
             text=ans.text, tokens=ans.tokens, confidence=ans.confidence, steps=ans.steps_run,
-            finished_early=finished_early, elapsed_ms=(time.monotonic() - started) * 1000,
-            queued_ms=queued_ms, candidates=[vars(c) for c in ans.candidates]))
+            finished_early=watch.finished_early, elapsed_ms=(time.monotonic() - started) * 1000,
+            queued_ms=(started - job.created) * 1000, candidates=[vars(c) for c in ans.candidates]))
 
     def _cancelled(self, job: Job) -> None:
         self.counters["cancelled"] += 1
@@ -188,3 +221,27 @@ class Scheduler:
         self._finish(job, error=RPCError(ErrorCode.CANCELLED, f"cancelled after {job.steps_run} steps: "
                                                               f"{job.cancel_reason}",
                                          {"steps_run": job.steps_run}))
+
+
+class _Watch:
+    """A job's per-step callback: stop when cancelled, send progress, finish at the deadline."""
+
+    def __init__(self, job: Job):
+        from .sampler import FINISH  # here, not at the top: `diffucode status` must not import torch
+
+        self.job, self.finish, self.finished_early = job, FINISH, False
+        p = job.params
+        self.deadline = None if p.deadline_ms is None else job.created + p.deadline_ms / 1000
+
+    def on_step(self, step):
+        job = self.job
+        job.steps_run += 1
+        if job.cancelled.is_set():
+            raise Cancelled(job.cancel_reason)
+        if job.on_progress is not None:
+            job.loop.call_soon_threadsafe(job.on_progress, {
+                "step": step.index, "steps": step.steps, "masks_left": step.masks_left, "text": step.text})
+        if self.deadline is not None and time.monotonic() >= self.deadline and step.masks_left:
+            self.finished_early = True
+            return self.finish
+        return None

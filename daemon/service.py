@@ -102,9 +102,10 @@ def serve(args, address: Address) -> int:
 
     state = ModelState(args.model or str(default_model()), args.device, args.dtype, args.prompt_format,
                        Limits(max_canvas_tokens=args.max_canvas_tokens, max_context_tokens=args.max_context_tokens),
-                       quantize=args.quantize)
-    log.info("loaded %s on %s (%s, quantization %s) in %.2f s", state.path, state.device, state.dtype,
-             state.quantization, time.monotonic() - started)
+                       quantize=args.quantize, decoding=args.decoding, cuda_graphs=args.cuda_graphs,
+                       prefix_cache=args.prefix_cache)
+    log.info("loaded %s on %s (%s, quantization %s, %s decoding by default) in %.2f s", state.path, state.device,
+             state.dtype, state.quantization, args.decoding, time.monotonic() - started)
     if not args.no_watch:
         state.watch()
     server = DaemonServer(state, address, ServerLimits(max_frame_bytes=args.max_frame_bytes,

@@ -5,6 +5,10 @@ denoise, and turns ids back into text (cutting at end tokens). It knows nothing 
 The text outside the region being written is never re-encoded into the answer: results are
 assembled from the caller's own strings, so the code before and after stays byte-identical.
 
+Decoding: "exact" runs the reference sampler (sampler.denoise); "fast" the block-wise decoder on a
+dual KV cache (fast.denoise_fast), whose cache buffers and per-document context store live here,
+one per loaded model. Each request may choose; `decoding` sets the default.
+
 Prompt formats: "raw" (Base checkpoints: code as it is) and "chatml" (Instruct / cpGRPO:
 the code goes into the assistant turn after a fixed instruction). "auto" picks chatml when the
 tokenizer has `<|dlm_pad|>`, which only the Instruct and cpGRPO checkpoints add.
@@ -22,6 +26,8 @@ from .checkpoint import Checkpoint
 from .errors import InputError, TooLarge
 from .protocol import Sampling
 from .sampler import Result, SamplerConfig, Step, denoise
+
+DECODINGS = ("exact", "fast")
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 QUERIES = {
@@ -45,6 +51,13 @@ def sampler_config(opts: Options, canvas: int) -> SamplerConfig:
         steps = max(1, math.ceil(canvas * opts.steps / opts.max_new_tokens))
     return SamplerConfig(steps=steps, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
                          top_k=opts.top_k, alg_temp=opts.alg_temp, eps=opts.eps)
+
+
+def fast_config(opts: Options):
+    from .fast import DEFAULT_THRESHOLD, FastConfig
+
+    return FastConfig(threshold=DEFAULT_THRESHOLD if opts.threshold is None else opts.threshold,
+                      block_size=opts.block_size)
 
 
 @dataclass
@@ -76,7 +89,13 @@ def _score(logprobs: list[float]) -> float:
 
 
 class Tasks:
-    def __init__(self, ckpt: Checkpoint, prompt_format: str = "auto", limits: Limits | None = None):
+    def __init__(self, ckpt: Checkpoint, prompt_format: str = "auto", limits: Limits | None = None,
+                 decoding: str = "exact", cuda_graphs: bool = False, prefix_cache: bool = False):
+        if decoding not in DECODINGS:
+            raise InputError(f"decoding {decoding!r} is unknown (use exact or fast)")
+        self.decoding, self.cuda_graphs, self.prefix_cache = decoding, cuda_graphs, prefix_cache
+        self._kv_caches: dict = {}  # fast decoding's, per batch size, made on first use
+        self._prefixes = None
         if ckpt.tokenizer is None:
             raise InputError(f"{ckpt.path}: text tasks need the checkpoint's tokenizer files")
         if prompt_format not in ("auto", "raw", "chatml"):
@@ -142,19 +161,45 @@ class Tasks:
         if n > limit:
             raise TooLarge(f"sequence of {n} tokens exceeds the model's {limit} positions")
 
-    def _run(self, ids: list[int], opts: Options, canvas: int, callback, region: slice) -> Result:
+    def _run(self, ids: list[int], opts: Options, canvas: int, callback, region: slice,
+             group: str | None = None) -> Result:
         self._check_sequence(len(ids))
         x = torch.tensor([ids], device=self.ckpt.device)
-        gen = torch.Generator(device=self.ckpt.device).manual_seed(opts.seed)
 
         def with_text(step: Step):
-            step.text = self._preview(step.x[0, region].tolist())
+            step.text = self.preview(step.x[0, region].tolist())
             return callback(step)
 
-        return denoise(self.ckpt.network, x, self.ckpt.mask_id, sampler_config(opts, canvas),
-                       generator=gen, callback=with_text if callback else None)
+        return self.denoise(x, opts, canvas, with_text if callback else None, group=group)
 
-    def _preview(self, region: list[int]) -> str:
+    def decoding_of(self, opts: Options) -> str:
+        decoding = opts.decoding or self.decoding
+        if decoding not in DECODINGS:
+            raise InputError(f"decoding {decoding!r} is unknown (use exact or fast)")
+        return decoding
+
+    def denoise(self, x: torch.Tensor, opts: Options, canvas: int, callback=None, group: str | None = None,
+                **padding) -> Result:
+        """Denoise the canvas x (B, N) the way opts say; `padding`: attention_mask and position_ids
+        of a left-padded batch."""
+        gen = torch.Generator(device=self.ckpt.device).manual_seed(opts.seed)
+        cfg = sampler_config(opts, canvas)
+        if self.decoding_of(opts) == "exact":
+            return denoise(self.ckpt.network, x, self.ckpt.mask_id, cfg, generator=gen, callback=callback, **padding)
+        from .fast import denoise_fast
+        from .kvcache import DualKVCache, PrefixStore
+
+        cache = self._kv_caches.get(x.shape[0])
+        if cache is None:
+            cache = self._kv_caches[x.shape[0]] = DualKVCache(self.ckpt.network, self.cuda_graphs)
+        if self._prefixes is None:
+            self._prefixes = PrefixStore()
+        use_prefix = self.prefix_cache if opts.prefix_cache is None else opts.prefix_cache
+        prefix = (self._prefixes, group or "") if use_prefix else None
+        return denoise_fast(self.ckpt.network, x, self.ckpt.mask_id, cfg, fast=fast_config(opts), generator=gen,
+                            callback=callback, cache=cache, prefix=prefix, **padding)
+
+    def preview(self, region: list[int]) -> str:
         """The partial canvas as text: revealed runs decoded, each mask shown as ░."""
         out, run = [], []
         for t in region + [None]:
@@ -172,7 +217,7 @@ class Tasks:
         """Number of tokens before the first end token."""
         return next((i for i, t in enumerate(ids) if t in self.end_ids), len(ids))
 
-    def _answer(self, ids: list[int], conf: list[float], result: Result, candidates=()) -> Answer:
+    def answer(self, ids: list[int], conf: list[float], result: Result, candidates=()) -> Answer:
         pieces = [self.tok.decode([i], skip_special=True) for i in ids]
         return Answer(text=self.tok.decode(ids, skip_special=True), tokens=pieces, confidence=conf,
                       steps_run=result.steps_run, forward_passes=result.forward_passes,
@@ -181,13 +226,14 @@ class Tasks:
     # --- tasks ---------------------------------------------------------------------------
 
     def complete(self, before: str, opts: Options = Options(),
-                 callback: Callable[[Step], str | None] | None = None, budget=(None, None)) -> Answer:
+                 callback: Callable[[Step], str | None] | None = None, budget=(None, None),
+                 group: str | None = None) -> Answer:
         """Continue the code: before + canvas; the output is cut at the first end token."""
-        return self.infill(before, "", opts, callback=callback, task="complete", budget=budget)
+        return self.infill(before, "", opts, callback=callback, task="complete", budget=budget, group=group)
 
     def infill(self, before: str, after: str, opts: Options = Options(), lengths: list[int] | None = None,
                callback: Callable[[Step], str | None] | None = None, task: str = "infill",
-               budget: tuple[int | None, int | None] = (None, None)) -> Answer:
+               budget: tuple[int | None, int | None] = (None, None), group: str | None = None) -> Answer:
         """The middle between `before` and `after`.
 
         Length strategy: end tokens the model places inside the canvas shrink it (the middle is
@@ -196,24 +242,38 @@ class Tasks:
         the decision to stop); the mean, not the sum, so longer canvases are not penalised.
         """
         sizes = sorted(set(lengths)) if lengths else [opts.max_new_tokens]
+        best, candidates = None, []
+        for ids, start, n in self.plan_infill(task, before, after, sizes, budget):
+            result = self._run(ids, opts, n, callback, slice(start, start + n), group)
+            found = self.candidate(result.x[0], result.logprob[0], start, n)
+            candidates.append(found[0])
+            if best is None or found[0].score > best[0].score:
+                best = (*found, result)
+        cand, region, conf, result = best
+        return self.answer(region, conf, result, candidates if len(sizes) > 1 else ())
+
+    def plan_infill(self, task: str, before: str, after: str, sizes: list[int],
+                    budget=(None, None)) -> list[tuple[list[int], int, int]]:
+        """(sequence ids, region start, canvas size) for each canvas size; checks the limits."""
         for n in sizes:
             self._check_canvas(n)
         b, a = self._context(before, after, budget, reserve=max(sizes) + self.template_tokens)
-        best, candidates = None, []
+        plans = []
         for n in sizes:
             ids, start = self._layout(task, b, [self.ckpt.mask_id] * n, a)
-            result = self._run(ids, opts, n, callback, slice(start, start + n))
-            region = result.x[0, start:start + n].tolist()
-            lp = result.logprob[0, start:start + n].tolist()
-            keep = self._cut(region)
-            scored = lp[:keep + 1] if keep < n else lp[:keep]
-            cand = Candidate(length=n, text=self.tok.decode(region[:keep], skip_special=True),
-                             score=_score([v for v in scored if not math.isnan(v)]))
-            candidates.append(cand)
-            if best is None or cand.score > best[0].score:
-                best = (cand, region[:keep], [math.exp(v) if not math.isnan(v) else 1.0 for v in lp[:keep]], result)
-        cand, region, conf, result = best
-        return self._answer(region, conf, result, candidates if len(sizes) > 1 else ())
+            self._check_sequence(len(ids))
+            plans.append((ids, start, n))
+        return plans
+
+    def candidate(self, x: torch.Tensor, logprob: torch.Tensor, start: int, n: int):
+        """From a denoised row: the Candidate, the kept region ids and their confidences."""
+        region = x[start:start + n].tolist()
+        lp = logprob[start:start + n].tolist()
+        keep = self._cut(region)
+        scored = lp[:keep + 1] if keep < n else lp[:keep]
+        cand = Candidate(length=n, text=self.tok.decode(region[:keep], skip_special=True),
+                         score=_score([v for v in scored if not math.isnan(v)]))
+        return cand, region[:keep], [math.exp(v) if not math.isnan(v) else 1.0 for v in lp[:keep]]
 
     @torch.inference_mode()
     def score(self, before: list[int], span: list[int], after: list[int], task: str = "refine",
@@ -236,7 +296,8 @@ class Tasks:
         return lp[index % groups, index].tolist()
 
     def refine(self, before: str, span: str, after: str, opts: Options = Options(), fraction: float = 0.3,
-               callback: Callable[[Step], str | None] | None = None, budget=(None, None)) -> Answer:
+               callback: Callable[[Step], str | None] | None = None, budget=(None, None),
+               group: str | None = None) -> Answer:
         """Rewrite `span` in place: score its tokens, re-mask the least confident `fraction`,
         denoise them again. End tokens revealed inside the span delete that position. Only the
         span changes; confidence is per token of the new span."""
@@ -255,7 +316,7 @@ class Tasks:
             canvas[i] = self.ckpt.mask_id
         ids, start = self._layout("refine", b, canvas, a)
         result = self._run(ids, replace(opts, max_new_tokens=k, steps=opts.steps and min(opts.steps, k)),
-                           k, callback, slice(start, start + len(s)))
+                           k, callback, slice(start, start + len(s)), group)
         region = result.x[0, start:start + len(s)].tolist()
         new_lp = result.logprob[0, start:start + len(s)].tolist()
         redone = set(remask)
@@ -266,10 +327,10 @@ class Tasks:
             ids_out.append(t)
             conf.append(math.exp(new_lp[i] if i in redone else lp[i]))
         if ids_out == s:  # unchanged: hand back the caller's exact text
-            ans = self._answer(ids_out, conf, result)
+            ans = self.answer(ids_out, conf, result)
             ans.text = span
             return ans
-        return self._answer(ids_out, conf, result)
+        return self.answer(ids_out, conf, result)
 
 
 def locate(text: str, line: int, column: int) -> int:

@@ -6,6 +6,7 @@
     diffucode serve    --model DIR [--socket PATH | --tcp 127.0.0.1:PORT]
     diffucode status
     diffucode quantize --model DIR --scheme nf4|int8 --out DIR2
+    diffucode bench    [--model DIR | --shape 7b] [--quick]
     diffucode pull     HUB_ID
 
 Heavy imports (torch) happen inside the commands, so `--help` is instant. Errors the user can
@@ -19,6 +20,8 @@ import json
 import re
 import sys
 from pathlib import Path
+
+DAEMON_DECODING = "fast"  # editor requests: fast decoding held the quality guard (README, `diffucode bench`)
 
 
 def _positive_int(text: str) -> int:
@@ -63,6 +66,17 @@ def _sampler_options(p: argparse.ArgumentParser, default_alg: str, tokens_help: 
                    help="> 0 samples which positions to reveal from softmax(confidence / alg_temp)")
     g.add_argument("--eps", type=float, default=1e-3, help="final time of the reveal schedule (default 1e-3)")
     g.add_argument("--seed", type=int, default=0, help="random seed; the same seed reproduces a sample")
+
+
+def _decoding_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--decoding", default="exact", choices=["exact", "fast"],
+                   help="exact (default): the reference sampler, a full forward pass per step; fast: blocks "
+                        "decoded against a dual KV cache, every token at least --threshold probable revealed "
+                        "at once (see `diffucode bench` for speed and quality)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="fast: reveal every masked token of the block at least this probable (default 0.9)")
+    g.add_argument("--block-size", type=_positive_int, default=32, help="fast: positions per block (32)")
 
 
 def _task_options(p: argparse.ArgumentParser) -> None:
@@ -118,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="try these canvas sizes (comma-separated, e.g. 8,16,32) and keep the most "
                         "confident; default: only --max-new-tokens")
     _sampler_options(p, "entropy", "canvas size (default 32); end tokens inside it shrink the middle")
+    _decoding_options(p)
     _task_options(p)
     p.set_defaults(run=cmd_infill)
 
@@ -131,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, default=0.3,
                    help="share of the span's tokens to re-mask, in (0, 1] (default 0.3)")
     _sampler_options(p, "entropy", "unused for refine (the canvas is the re-masked tokens)")
+    _decoding_options(p)
     _task_options(p)
     p.set_defaults(run=cmd_refine)
 
@@ -150,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most masks in one request (1024)")
     p.add_argument("--max-context-tokens", type=_positive_int, default=4096,
                    help="code before + after sent to the model; the rest is cut (4096)")
+    p.add_argument("--decoding", default=DAEMON_DECODING, choices=["exact", "fast"],
+                   help=f"decoding for requests that do not choose (default {DAEMON_DECODING}; see `diffucode infill --help`)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="fast decoding on CUDA: replay each cached step from a CUDA graph (captured once per shape)")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="fast decoding: keep each document's far context (code well before the cursor, encoded "
+                        "chunk by chunk) and reuse it for the document's next request")
     p.add_argument("--no-watch", action="store_true", help="do not reload when the model's files change")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING; or env DIFFUCODE_LOG")
     p.set_defaults(run=cmd_serve)
@@ -188,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(run=cmd_quantize)
 
+    p = sub.add_parser("bench", help="time exact against fast decoding on the same workloads; check quality",
+                       description="Infill of 32 tokens in 1k tokens of context and a 256-token function, "
+                                   "each with the reference-equivalent decoding (a full forward pass per "
+                                   "token) and with fast decoding, in one run; then exact against fast on "
+                                   "held-out single-line infill. Prints a table; the last line is JSON.")
+    from diffucode.daemon.bench import add_arguments  # torch-free at import
+
+    add_arguments(p)
+    p.set_defaults(run=cmd_bench)
+
     p = sub.add_parser("pull", help="download a checkpoint from the Hugging Face hub (the only network use)",
                        description="Download configs, safetensors and tokenizer files (never code or "
                                    "pickles) of a hub checkpoint into the local Hugging Face cache.")
@@ -216,7 +249,9 @@ def _sampler_args(args):
 
     return Options(max_new_tokens=args.max_new_tokens, steps=args.steps, alg=args.alg,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   alg_temp=args.alg_temp, eps=args.eps, seed=args.seed)
+                   alg_temp=args.alg_temp, eps=args.eps, seed=args.seed,
+                   decoding=getattr(args, "decoding", "exact"), threshold=getattr(args, "threshold", None),
+                   block_size=getattr(args, "block_size", 32))
 
 
 def _read(path: Path) -> str:
@@ -385,6 +420,12 @@ def cmd_quantize(args) -> int:
               f"{acc['top1_agreement']:.3f} on {acc['positions']} fixed positions")
     print(f"serve it with: diffucode serve --model {report['out']}")
     return 0
+
+
+def cmd_bench(args) -> int:
+    from diffucode.daemon.bench import run
+
+    return run(args)
 
 
 def cmd_pull(args) -> int:

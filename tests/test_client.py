@@ -20,8 +20,9 @@ from diffucode.daemon.address import Address
 from diffucode.daemon.client import DaemonClient, DaemonUnavailable, ReconnectingClient, SpawnOptions
 from diffucode.daemon.protocol import ErrorCode, InfillParams, RPCError, Sampling, TaskResult
 
-LONG = Sampling(max_new_tokens=512, steps=512)  # seconds on the tiny model: long enough to cancel
-SHORT = Sampling(max_new_tokens=6)
+# exact decoding (the daemon's default may be fast): one full forward per token, the schedule counted here
+LONG = Sampling(max_new_tokens=512, steps=512, decoding="exact")  # seconds on the tiny model: long enough to cancel
+SHORT = Sampling(max_new_tokens=6, decoding="exact")
 
 
 def start_daemon(model: Path, log: Path, *where: str) -> subprocess.Popen:

@@ -17,7 +17,8 @@ from daemon_helpers import Conn, Daemon
 
 from diffucode.daemon.tiny import write_tiny_checkpoint
 
-LONG = {"max_new_tokens": 1000, "steps": 1000}  # seconds on the tiny model: long enough to cancel
+# seconds on the tiny model: long enough to cancel (exact: every step a full forward over 1k tokens)
+LONG = {"max_new_tokens": 1000, "steps": 1000, "decoding": "exact"}
 BEFORE, AFTER = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
 
 
@@ -53,10 +54,12 @@ def test_status_and_infill_from_a_second_process(daemon, model_dir):
     assert err is None and result["steps"] == 8 and isinstance(result["text"], str)
     assert len(result["tokens"]) == len(result["confidence"]) <= 8
     # the same request through the CLI's own code path gives the same middle (greedy)
+    from diffucode.cli import DAEMON_DECODING  # what the daemon uses for requests that do not choose
     from diffucode.daemon.checkpoint import load_checkpoint
     from diffucode.daemon.tasks import Options, Tasks
 
-    local = Tasks(load_checkpoint(model_dir, device="cpu")).infill(BEFORE, AFTER, Options(max_new_tokens=8))
+    local = Tasks(load_checkpoint(model_dir, device="cpu"), decoding=DAEMON_DECODING).infill(
+        BEFORE, AFTER, Options(max_new_tokens=8))
     assert local.text == result["text"]
 
 
