@@ -11,6 +11,7 @@ imports it, and must start fast and stay small).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import dataclasses
 import fcntl
@@ -53,12 +54,13 @@ class SpawnOptions:
     log_file: Path | None = None  # the daemon's stdout and stderr (appended); None discards them
 
 
-class _Methods:
+class _Methods(abc.ABC):
     """The protocol's methods as typed calls, on top of `request`."""
 
+    @abc.abstractmethod
     async def request(self, method: str, params=None, *, timeout: float | None = None,
                       on_progress: ProgressCallback | None = None) -> Any:
-        raise NotImplementedError
+        """Send one request; each client defines how."""
 
     async def status(self, *, timeout: float | None = None) -> dict:
         return await self.request("status", {}, timeout=timeout)

@@ -35,7 +35,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def daemon(model_dir, tmp_path):
-    d = Daemon(model_dir, tmp_path, "--no-watch")
+    # exact decoding: one step per token, so a long request is still running when it is cancelled
+    d = Daemon(model_dir, tmp_path, "--no-watch", "--decoding", "exact")
     yield d
     d.stop()
 
