@@ -14,44 +14,27 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-import fcntl
 import itertools
 import logging
-import os
-import shlex
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import msgpack
 
 from .address import Address, default_address
-from .errors import DiffucodeError
+from .errors import DaemonUnavailable, DiffucodeError
+from .spawn import Spawner, SpawnOptions
 from .protocol import (NOTIFICATION, REQUEST, RESPONSE, CompleteParams, ErrorCode, InfillParams,
                        RefineParams, RPCError, TaskResult, to_wire)
+
+__all__ = ["DaemonClient", "DaemonUnavailable", "ReconnectingClient", "SpawnOptions"]
 
 log = logging.getLogger("diffucode.client")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # one reply; results are text, far below this
-POLL_S = 0.1  # how often a spawning client checks whether the daemon accepts yet
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.25, 8.0
 
 ProgressCallback = Callable[[dict], None]
-
-
-class DaemonUnavailable(ConnectionError):
-    """No daemon answers at the address: not running, failed to start, or the connection dropped."""
-
-
-@dataclass
-class SpawnOptions:
-    """Start `python -m diffucode serve *args --socket ...` when nothing listens at the address."""
-
-    args: list[str]  # e.g. ["--model", DIR]; the address options are added by the client
-    log_file: Path | None = None  # the daemon's stdout and stderr (appended); None discards them
 
 
 class _Methods(abc.ABC):
@@ -90,7 +73,6 @@ class DaemonClient(_Methods):
         self.spawn = spawn
         self.connect_timeout = connect_timeout
         self.last_request_id = 0
-        self.spawned_pid: int | None = None  # the daemon this client started, if it started one
         self.close_reason: str | None = None  # why the last connection ended
         self.disconnected_at: float | None = None  # time.monotonic() when it ended
         self._writer: asyncio.StreamWriter | None = None
@@ -99,7 +81,17 @@ class DaemonClient(_Methods):
         self._pending: dict[int, asyncio.Future] = {}
         self._progress: dict[int, ProgressCallback] = {}
         self._ids = itertools.count(1)
-        self._process: subprocess.Popen | None = None  # kept so that its exit status is reaped
+        self._spawner = Spawner(self.address, spawn, connect_timeout, self._open) if spawn else None
+
+    @property
+    def spawned_pid(self) -> int | None:
+        """The daemon this client started, if it started one."""
+        return self._spawner.pid if self._spawner else None
+
+    @property
+    def spawned_process(self):
+        """The subprocess.Popen of the daemon this client started (to wait on it), or None."""
+        return self._spawner.process if self._spawner else None
 
     @property
     def connected(self) -> bool:
@@ -120,7 +112,7 @@ class DaemonClient(_Methods):
         except (FileNotFoundError, ConnectionRefusedError) as e:
             if self.spawn is None:
                 raise DaemonUnavailable(f"no daemon is listening at {self.address} ({e.strerror})") from e
-            reader, writer = await self._spawn_and_open(deadline)
+            reader, writer = await self._spawner.spawn_and_open(deadline)
         except DaemonUnavailable:
             raise
         except OSError as e:
@@ -283,100 +275,6 @@ class DaemonClient(_Methods):
                 reply.set_exception(DaemonUnavailable(f"{reason} ({self.address}) while request {msgid} was waiting"))
         log.info("disconnected from the daemon at %s: %s", self.address, reason)
 
-    # --- spawning -----------------------------------------------------------------------------
-
-    async def _spawn_and_open(self, deadline: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Start the daemon under a lock file, so that clients racing to start it start one."""
-        base = self.address.socket or self.address.token_file
-        lock_path = base.with_name(base.name + ".spawn.lock")
-        lock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(lock_path, "a+") as lock:
-            while True:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise DaemonUnavailable(f"another client is starting the daemon at {self.address}; "
-                                                f"it did not finish within {self.connect_timeout} s") from None
-                    await asyncio.sleep(POLL_S / 2)
-            try:
-                try:  # the lock holder before us may have started it
-                    return await self._open()
-                except OSError:
-                    pass
-                lock.seek(0)
-                recorded = lock.read().strip()
-                pid = int(recorded) if recorded.isdigit() else 0
-                if pid and _is_daemon(pid):  # started earlier, still loading its model: wait for it
-                    log.info("waiting for the daemon (pid %d) to accept connections", pid)
-                    return await self._wait_accepting(pid, None, None, deadline)
-                process, log_offset = self._start_daemon()
-                lock.seek(0)
-                lock.truncate()
-                lock.write(f"{process.pid}\n")
-                lock.flush()
-                return await self._wait_accepting(process.pid, process, log_offset, deadline)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def _start_daemon(self) -> tuple[subprocess.Popen, int]:
-        a = self.address
-        if a.is_tcp:
-            host = f"[{a.host}]" if ":" in a.host else a.host
-            where = ["--tcp", f"{host}:{a.port}", "--token-file", str(a.token_file)]
-        else:
-            where = ["--socket", str(a.socket)]
-        command = [sys.executable, "-m", "diffucode", "serve", *self.spawn.args, *where]
-        log_file, log_offset = self.spawn.log_file, 0
-        out = subprocess.DEVNULL
-        try:
-            if log_file is not None:
-                out = open(log_file, "ab")
-                log_offset = out.tell()
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                       start_new_session=True)
-        except OSError as e:
-            raise DaemonUnavailable(f"cannot start the daemon ({shlex.join(command)}): {e}") from e
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
-        log.info("started the daemon, pid %d: %s", process.pid, shlex.join(command))
-        self._process, self.spawned_pid = process, process.pid
-        return process, log_offset
-
-    async def _wait_accepting(self, pid: int, process: subprocess.Popen | None, log_offset: int | None,
-                              deadline: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        while True:
-            try:
-                return await self._open()
-            except OSError:
-                pass
-            exited = process.poll() is not None if process is not None else not _is_daemon(pid)
-            if exited:
-                status = f" with status {process.returncode}" if process is not None else ""
-                raise DaemonUnavailable(f"the daemon (pid {pid}) exited{status} before accepting connections at "
-                                        f"{self.address}{self._log_tail(log_offset)}")
-            if time.monotonic() >= deadline:
-                raise DaemonUnavailable(f"the daemon (pid {pid}) did not accept connections at {self.address} "
-                                        f"within {self.connect_timeout} s; it may still be loading the model"
-                                        f"{self._log_tail(log_offset)}")
-            await asyncio.sleep(POLL_S)
-
-    def _log_tail(self, offset: int | None, chars: int = 2000) -> str:
-        log_file = self.spawn.log_file if self.spawn else None
-        if log_file is None or offset is None:
-            return "" if log_file is None else f"; its log: {log_file}"
-        try:
-            with open(log_file, "rb") as f:
-                f.seek(offset)
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return ""
-        text = text[-chars:].strip()
-        return f"; the end of its log ({log_file}):\n{text}" if text else f"; its log ({log_file}) is empty"
-
-
 class ReconnectingClient(_Methods):
     """The language server's handle on the daemon: connects on demand, never waits on a dead one.
 
@@ -492,19 +390,3 @@ def _task_result(result) -> TaskResult:
         return TaskResult(**{k: v for k, v in result.items() if k in names})
     except (AttributeError, TypeError) as e:
         raise RPCError(ErrorCode.INTERNAL, f"malformed result from the daemon ({e}): {result!r:.200}") from e
-
-
-def _is_daemon(pid: int) -> bool:
-    """True while pid is a live (not zombie) `diffucode serve` process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False  # another user's process: not a daemon of ours
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): trust the signal check
-    return state != "Z" and b"diffucode" in cmdline and b"serve" in cmdline

@@ -28,3 +28,7 @@ class Cancelled(DiffucodeError):
 class QuantizationError(DiffucodeError):
     """A quantization scheme is unknown, needs a library that is missing, or does not match the
     scheme a pre-quantized checkpoint holds."""
+
+
+class DaemonUnavailable(ConnectionError):
+    """No daemon answers at the address: not running, failed to start, or the connection dropped."""

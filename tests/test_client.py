@@ -249,7 +249,7 @@ def test_racing_clients_spawn_one_daemon(base, tiny_dir):
         for c in clients:
             if c.spawned_pid:
                 kill_group(c.spawned_pid)
-                c._process.wait(10)
+                c.spawned_process.wait(10)
 
 
 def test_a_daemon_still_loading_is_waited_for_not_spawned_again(base, tiny_dir):
@@ -276,7 +276,7 @@ def test_a_daemon_still_loading_is_waited_for_not_spawned_again(base, tiny_dir):
     finally:
         if impatient.spawned_pid:
             kill_group(impatient.spawned_pid)
-            impatient._process.wait(10)
+            impatient.spawned_process.wait(10)
 
 
 def test_spawned_daemon_that_exits_early_reports_its_log(base):
@@ -286,7 +286,7 @@ def test_spawned_daemon_that_exits_early_reports_its_log(base):
     with pytest.raises(DaemonUnavailable) as e:
         run(client.connect())
     assert "exited with status" in str(e.value) and "no-such-model" in str(e.value)
-    assert client._process.poll() is not None
+    assert client.spawned_process.poll() is not None
 
 
 # --- the daemon going away -----------------------------------------------------------------------
