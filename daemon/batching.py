@@ -46,7 +46,7 @@ def batch_key(tasks, method: str, params) -> tuple | None:
     lengths = getattr(params, "lengths", None)
     if method not in ("complete", "infill") or (lengths and len(set(lengths)) > 1):
         return None
-    if tasks.decoding_of(s) != "fast" or (tasks.prefix_cache if s.prefix_cache is None else s.prefix_cache):
+    if tasks.decoding_of(s) != "fast" or tasks.uses_prefix_cache(s):
         return None
     if s.temperature > 0 or s.alg_temp or s.alg == "origin":
         return None

@@ -60,6 +60,14 @@ def fast_config(opts: Options):
                       block_size=opts.block_size)
 
 
+def _keep_last(ids: list[int], n: int, stride: int = 1) -> list[int]:
+    """The last n ids; with a stride, the ones left after dropping whole strides from the front."""
+    drop = len(ids) - n
+    if drop <= 0:
+        return ids
+    return ids[-(-drop // stride) * stride:]
+
+
 @dataclass
 class Limits:
     max_canvas_tokens: int = 1024  # masks in one request
@@ -111,17 +119,20 @@ class Tasks:
     # --- prompt layout -------------------------------------------------------------------
 
     def _context(self, before: str, after: str, budget: tuple[int | None, int | None] = (None, None),
-                 reserve: int = 0) -> tuple[list[int], list[int]]:
+                 reserve: int = 0, stride: int = 1) -> tuple[list[int], list[int]]:
         """Token ids of the code before and after, cut to the caller's per-side budget and to the
         context limit (keeping the tokens nearest the cursor); unused limit on one side goes to
         the other. `reserve` tokens (canvas, prompt template) are kept free of the model's
-        positions, so a long file never makes a request fail."""
+        positions, so a long file never makes a request fail. With a `stride`, the code before
+        loses whole strides from its start (up to stride - 1 tokens fewer than the budget): the
+        kept start then stays put while text is typed at the cursor, and consecutive requests
+        share their leading tokens, which the prefix cache reuses."""
         for side, n in zip(("before_tokens", "after_tokens"), budget):
             if n is not None and n < 0:
                 raise InputError(f"{side} must be >= 0, got {n}")
         b, a = self.tok.encode(before), self.tok.encode(after)
         if budget[0] is not None:
-            b = b[max(0, len(b) - budget[0]):]
+            b = _keep_last(b, budget[0], stride)
         if budget[1] is not None:
             a = a[:budget[1]]
         budget = max(0, min(self.limits.max_context_tokens, self.ckpt.config.max_position_embeddings - reserve))
@@ -129,7 +140,7 @@ class Tasks:
             want_b = int(budget * self.limits.prefix_share)
             keep_a = min(len(a), budget - min(len(b), want_b))
             keep_b = budget - keep_a
-            b, a = b[len(b) - keep_b:] if keep_b else [], a[:keep_a]
+            b, a = _keep_last(b, keep_b, stride), a[:keep_a]
         return b, a
 
     @property
@@ -172,6 +183,10 @@ class Tasks:
 
         return self.denoise(x, opts, canvas, with_text if callback else None, group=group)
 
+    def uses_prefix_cache(self, opts: Options) -> bool:
+        return self.decoding_of(opts) == "fast" and (self.prefix_cache if opts.prefix_cache is None
+                                                     else opts.prefix_cache)
+
     def decoding_of(self, opts: Options) -> str:
         decoding = opts.decoding or self.decoding
         if decoding not in DECODINGS:
@@ -194,8 +209,7 @@ class Tasks:
             cache = self._kv_caches[x.shape[0]] = DualKVCache(self.ckpt.network, self.cuda_graphs)
         if self._prefixes is None:
             self._prefixes = PrefixStore()
-        use_prefix = self.prefix_cache if opts.prefix_cache is None else opts.prefix_cache
-        prefix = (self._prefixes, group or "") if use_prefix else None
+        prefix = (self._prefixes, group or "") if self.uses_prefix_cache(opts) else None
         return denoise_fast(self.ckpt.network, x, self.ckpt.mask_id, cfg, fast=fast_config(opts), generator=gen,
                             callback=callback, cache=cache, prefix=prefix, **padding)
 
@@ -243,7 +257,8 @@ class Tasks:
         """
         sizes = sorted(set(lengths)) if lengths else [opts.max_new_tokens]
         best, candidates = None, []
-        for ids, start, n in self.plan_infill(task, before, after, sizes, budget):
+        stride = fast_config(opts).context_chunk if self.uses_prefix_cache(opts) else 1
+        for ids, start, n in self.plan_infill(task, before, after, sizes, budget, stride):
             result = self._run(ids, opts, n, callback, slice(start, start + n), group)
             found = self.candidate(result.x[0], result.logprob[0], start, n)
             candidates.append(found[0])
@@ -253,11 +268,11 @@ class Tasks:
         return self.answer(region, conf, result, candidates if len(sizes) > 1 else ())
 
     def plan_infill(self, task: str, before: str, after: str, sizes: list[int],
-                    budget=(None, None)) -> list[tuple[list[int], int, int]]:
+                    budget=(None, None), stride: int = 1) -> list[tuple[list[int], int, int]]:
         """(sequence ids, region start, canvas size) for each canvas size; checks the limits."""
         for n in sizes:
             self._check_canvas(n)
-        b, a = self._context(before, after, budget, reserve=max(sizes) + self.template_tokens)
+        b, a = self._context(before, after, budget, reserve=max(sizes) + self.template_tokens, stride=stride)
         plans = []
         for n in sizes:
             ids, start = self._layout(task, b, [self.ckpt.mask_id] * n, a)

@@ -33,6 +33,7 @@ from .settings import Settings, parse
 
 log = logging.getLogger("diffucode.lsp")
 CHARS_PER_TOKEN = 4  # generous: the daemon cuts to the exact token budget
+START_STRIDE = 256  # characters: the text before the cursor starts on this grid (stable_start)
 ALTERNATIVE_TEMPERATURES = (0.4, 0.8)  # an Invoked trigger adds these to the greedy item
 
 
@@ -180,7 +181,7 @@ class DiffucodeServer(LanguageServer):
         """The text before (with snippets from other files) and after, cut to a generous
         character budget; the daemon cuts it to the exact token budget."""
         s = self.settings
-        before = text[max(0, offset - s.before_tokens * CHARS_PER_TOKEN):offset]
+        before = text[stable_start(text, offset, s.before_tokens * CHARS_PER_TOKEN):offset]
         after_start = offset if end is None else end
         after = text[after_start:after_start + s.after_tokens * CHARS_PER_TOKEN]
         open_docs = {u: d.source for u, d in self.workspace.text_documents.items()}
@@ -192,6 +193,19 @@ class DiffucodeServer(LanguageServer):
 
 
 server = DiffucodeServer()
+
+
+def stable_start(text: str, offset: int, chars: int) -> int:
+    """Where the text sent before the cursor starts: at most `chars` before it, rounded up to a
+    multiple of START_STRIDE and then to the next line start. The start thus stays put while
+    the user types, so consecutive requests share their leading text (the daemon's prefix cache
+    reuses it) and it is tokenized the same way each time."""
+    start = max(0, offset - chars)
+    if start == 0:
+        return 0
+    start = min(offset, -(-start // START_STRIDE) * START_STRIDE)
+    line = text.find("\n", start - 1, offset)
+    return line + 1 if line >= 0 else start
 
 
 def offset_at(text: str, position: lsp.Position) -> int:

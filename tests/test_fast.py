@@ -125,6 +125,23 @@ def test_far_context_reuse_gives_the_same_results(tiny_dir):
     assert counts["context_reused"] >= 2 * 128 + 64 and counts["context"] == 2
 
 
+def test_far_context_is_reused_while_typing_in_a_file_longer_than_the_budget(tiny_dir):
+    from diffucode.daemon.checkpoint import load_checkpoint
+    from diffucode.daemon.tasks import Limits
+
+    ckpt = load_checkpoint(tiny_dir, device="cpu")
+    doc = "".join(f"def f{i}(a, b):\n    return a + {i} * b\n\n" for i in range(40))
+    opts = Sampling(max_new_tokens=8, decoding="fast", threshold=NEVER, block_size=8, prefix_cache=True)
+    tasks = Tasks(ckpt, limits=Limits(max_context_tokens=200))
+    for typed in ("d", "de", "def", "def g"):  # the cursor moves on; the kept window's start stays put
+        got = tasks.infill(doc + typed, "\n\nx = 1\n", opts, group="file:///long.py")
+        fresh = Tasks(ckpt, limits=Limits(max_context_tokens=200)).infill(doc + typed, "\n\nx = 1\n", opts,
+                                                                         group="file:///long.py")
+        assert (got.text, got.tokens) == (fresh.text, fresh.tokens)
+    counts = tasks._kv_caches[1].counts
+    assert counts["context"] == 1 and counts["context_reused"] >= 3 * 128, counts  # encoded once, reused 3 times
+
+
 def test_batch_gives_each_request_what_it_gets_alone(tasks):
     fast = Sampling(max_new_tokens=10, decoding="fast", threshold=0.05, block_size=4)
     docs = [("def add(a, b):\n    return ", "\n"), ("x = ", ""), ("class Stack:\n    def pop(self):\n        ", "\n\n")]

@@ -97,3 +97,18 @@ def test_workspace_index_imports_and_freshness(tmp_path):
     builder = ContextBuilder(index)
     text = builder.snippets(main.as_uri(), main.read_text(), "python", {"file:///other.py": "y = 2\n"})
     assert text.startswith("# Path: pkg/util.py\ndef helper():") and "# Path: other.py\ny = 2" in text
+
+
+def test_text_before_the_cursor_starts_at_a_stable_line_start():
+    from diffucode.lsp.server import START_STRIDE, stable_start
+
+    text = "".join(f"value_{i} = compute({i}, {i * 7})\n" for i in range(400))
+    assert stable_start(text, 500, 4000) == 0
+    starts = set()
+    for offset in range(9000, 9000 + START_STRIDE // 2):  # typing at the cursor
+        start = stable_start(text, offset, 6000)
+        assert offset - 6000 <= start <= offset and text[start - 1] == "\n"
+        starts.add(start)
+    assert len(starts) <= 2  # it moves at most once in half a stride (only when the grid is crossed)
+    one_line = "x" * 10000
+    assert stable_start(one_line, 9000, 6000) % START_STRIDE == 0  # no line start: the grid alone

@@ -86,6 +86,22 @@ def test_context_is_cut_to_the_budget_nearest_the_cursor(tiny_ckpt):
     assert len(b) + len(a) == 40 and len(a) == len(t.tok.encode("z"))
 
 
+def test_a_stride_keeps_the_start_of_the_context_put_while_typing(tiny_ckpt):
+    t = Tasks(tiny_ckpt, limits=Limits(max_context_tokens=40, prefix_share=0.75))
+    doc = "".join(f"x{i} = {i}\n" for i in range(80))
+    whole = t.tok.encode(doc)
+    starts = []
+    for typed in range(1, 12):  # the user types at the end of `before`
+        before = doc + "y" * typed
+        b, _ = t._context(before, "z = 0\n" * 20, stride=8)
+        assert 30 - 8 < len(b) <= 30
+        starts.append(len(t.tok.encode(before)) - len(b))  # tokens dropped from the front
+        assert b[:10] == whole[starts[-1]:starts[-1] + 10]
+    assert all(s % 8 == 0 for s in starts) and len(set(starts)) <= 3  # moves in whole strides only
+    b1, _ = t._context(doc, "", stride=1)
+    assert len(b1) == 40 and b1 == whole[-40:]  # no stride: the exact budget
+
+
 def test_cursor_and_line_positions():
     text = "ab\ncde\r\n\nf"
     assert locate(text, 1, 1) == 0 and locate(text, 1, 3) == 2 and locate(text, 2, 4) == 6

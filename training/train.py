@@ -5,9 +5,11 @@ is drawn in (eps, 1], each token is masked with probability t, and the cross-ent
 masked positions (read through the logit shift, as at inference) is weighted by 1/t. Position 0
 is never masked: the shift gives it no left neighbour to be predicted from.
 
-Infill-aware padding: with probability --pad-prob a run of `<|endoftext|>` tokens is inserted
-after a line break inside the window. The model thus learns that end tokens inside a span mean
-"nothing here", which is how the infill task lets a canvas shrink (daemon/tasks.py).
+Infill examples: with probability --infill-prob a window is laid out as the infill task lays out
+a request: a middle (lines or a piece of a line) followed by a run of `<|endoftext|>` tokens up to
+a canvas, and only that canvas is masked. The model thus learns where a middle ends and that end
+tokens fill the rest of a canvas, which is how the infill task lets a canvas shrink
+(daemon/tasks.py).
 
 Data: the .py files of this machine's CPython standard library (PSF licence), tests and
 site-packages excluded, split into training and held-out sets by a hash of each file's path,
@@ -15,6 +17,10 @@ so the split is deterministic. The tokenizer (byte-level BPE with the special to
 real checkpoints' file layout) is trained on the training files.
 
     python training/train.py --out diffucode/models/tiny-stdlib --steps 1500 --seed 0
+
+--init DIR continues from an earlier run's checkpoint: its shape, tokenizer and weights are
+kept (the optimizer starts afresh, with its own warmup and cosine schedule), and training.json
+records the earlier run under "init" so the chain of commands stays reproducible.
 
 Writes the checkpoint (config.json, model.safetensors in bf16, tokenizer files) and
 training.json (command, seed, data hash, sizes, the loss curve, time).
@@ -32,12 +38,17 @@ import sysconfig
 import time
 from pathlib import Path
 
+import shutil
+
 import torch
 import torch.nn.functional as F
 
+from diffucode.daemon.checkpoint import load_weights, read_config
 from diffucode.daemon.network import Dream, DreamConfig
 from diffucode.daemon.tiny import write_weights
-from diffucode.daemon.tokenizer import train_byte_level_bpe
+from diffucode.daemon.tokenizer import Tokenizer, train_byte_level_bpe
+
+TOKENIZER_FILES = ["vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json"]
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>", "<|dlm_pad|>"]
 SKIP_PARTS = {"site-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3"}
@@ -71,39 +82,76 @@ def read(f: Path) -> str:
 
 
 class Batches:
-    """Random windows of the token stream, with infill-aware end-token padding."""
+    """Random windows of the token stream; a share of them laid out as infill examples.
 
-    def __init__(self, docs: list[list[int]], seq_len: int, eos: int, newline_ids: set[int], pad_prob: float,
-                 rng: random.Random):
+    An infill example is what the infill task gives the model at inference: a middle (one to
+    three lines, or a piece of a line) cut out of the window, followed by a run of end tokens
+    up to a canvas length, with only the canvas open to masking. The model thus learns where a
+    middle ends and that end tokens fill the rest of a canvas (how infill lets a canvas shrink).
+    """
+
+    def __init__(self, docs: list[list[int]], seq_len: int, eos: int, newline_ids: set[int], infill_prob: float,
+                 rng: random.Random, max_pad: int = 40):
         self.docs = [d for d in docs if len(d) > 16]
         self.weights = [len(d) for d in self.docs]
-        self.seq_len, self.eos, self.newlines, self.pad_prob, self.rng = seq_len, eos, newline_ids, pad_prob, rng
+        self.seq_len, self.eos, self.newlines, self.infill_prob, self.rng = seq_len, eos, newline_ids, infill_prob, rng
+        self.max_pad = max_pad
 
-    def window(self) -> list[int]:
+    def window(self) -> tuple[list[int], list[bool]]:
         doc = self.rng.choices(self.docs, weights=self.weights)[0]
         start = self.rng.randrange(max(1, len(doc) - self.seq_len // 2))
         w = doc[start:start + self.seq_len]
-        if self.rng.random() < self.pad_prob:
-            breaks = [i + 1 for i, t in enumerate(w[:-1]) if t in self.newlines]
-            if breaks:
-                at = self.rng.choice(breaks)
-                w = w[:at] + [self.eos] * self.rng.randint(1, 12) + w[at:]
-        w = w[:self.seq_len]
-        return w + [self.eos] * (self.seq_len - len(w))  # short files end in end tokens, as at inference
+        region = [True] * len(w)
+        if self.rng.random() < self.infill_prob:
+            w, region = self.infill(w)
+        w, region = w[:self.seq_len], region[:self.seq_len]
+        fill = self.seq_len - len(w)  # short files end in end tokens, as at inference
+        return w + [self.eos] * fill, region + [True] * fill
 
-    def __call__(self, batch: int) -> torch.Tensor:
-        return torch.tensor([self.window() for _ in range(batch)])
+    def infill(self, w: list[int]) -> tuple[list[int], list[bool]]:
+        """w with a middle followed by end tokens; region marks the canvas (middle + end tokens)."""
+        line_starts = [i + 1 for i, t in enumerate(w[:-2]) if t in self.newlines and i + 1 >= 8]
+        if line_starts and self.rng.random() < 0.8:
+            s = self.rng.choice(line_starts)
+            ends = [i for i in range(s + 1, len(w)) if w[i] in self.newlines][:3]
+            e = self.rng.choice(ends) if ends else min(len(w), s + self.rng.randint(1, 24))
+        else:  # a cursor anywhere: a piece of a line
+            s = self.rng.randrange(min(8, len(w) - 1), len(w) - 1)
+            e = min(len(w), s + self.rng.randint(1, 24))
+        middle = w[s:e][:64]
+        pad = [self.eos] * self.rng.randint(0, self.max_pad)
+        out = w[:s] + middle + pad + w[s + len(middle):]
+        region = [False] * s + [True] * (len(middle) + len(pad)) + [False] * (len(w) - s - len(middle))
+        return out, region
+
+    def __call__(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.window() for _ in range(batch)]
+        return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
 
 
-def diffusion_loss(net: Dream, x0: torch.Tensor, mask_id: int, eps: float, gen: torch.Generator) -> torch.Tensor:
+def init_weights(net: Dream) -> None:
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
+
+
+def diffusion_loss(net: Dream, x0: torch.Tensor, region: torch.Tensor, mask_id: int, eps: float,
+                   gen: torch.Generator) -> torch.Tensor:
+    """Each row's positions in `region` are masked with probability t; the cross-entropy on the
+    masked ones, weighted by 1/t, is averaged over the region (the whole window for plain rows)."""
     B, L = x0.shape
     t = eps + (1 - eps) * torch.rand(B, 1, generator=gen)
-    masked = torch.rand(B, L, generator=gen) < t
+    masked = (torch.rand(B, L, generator=gen) < t) & region
     masked[:, 0] = False
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     logits = net(xt).logits  # shifted: row p predicts position p
     ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # (B, L)
-    return (ce * masked / t).sum() / (B * L)
+    return ((ce * masked / t).sum(dim=1) / region.sum(dim=1).clamp(min=1)).mean()
 
 
 def main() -> int:
@@ -121,8 +169,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--pad-prob", type=float, default=0.5)
+    ap.add_argument("--infill-prob", type=float, default=0.5, help="share of windows laid out as infill examples")
     ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--init", type=Path, help="continue from this checkpoint (an earlier run's --out)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
@@ -136,7 +185,14 @@ def main() -> int:
     texts = [read(f) for f in train_files]
     print(f"data: {len(train_files)} training files, {len(held_files)} held out", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-    tok = train_byte_level_bpe(texts, args.out, vocab_size=args.vocab, special_tokens=SPECIALS)
+    if args.init:
+        if args.init.resolve() == args.out.resolve():
+            raise SystemExit(f"--init {args.init} and --out {args.out} are the same directory; write elsewhere")
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(args.init / name, args.out / name)
+        tok = Tokenizer.from_dir(args.out)
+    else:
+        tok = train_byte_level_bpe(texts, args.out, vocab_size=args.vocab, special_tokens=SPECIALS)
     docs = [tok.encode(t) for t in texts]
     eos, mask_id = tok.token_id("<|endoftext|>"), tok.token_id("<|mask|>")
     newline_ids = {i for i in range(tok.vocab_size) if tok.decode([i]).endswith("\n")}
@@ -153,20 +209,23 @@ def main() -> int:
         "pad_token_id": eos, "mask_token_id": mask_id, "use_cache": False, "attention_dropout": 0.0,
         "diffucode_prompt_format": "raw",  # a base model, although its tokenizer has <|dlm_pad|>
     }
-    net = Dream(DreamConfig.from_dict(cfg_dict)).to(args.device)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02)
+    init_record = None
+    if args.init:
+        cfg_dict = json.loads((args.init / "config.json").read_text())
+        args.seq_len = cfg_dict["max_position_embeddings"]
+        net = load_weights(args.init, read_config(args.init), torch.device(args.device), torch.float32)
+        net.requires_grad_(True)
+        init_record = {"from": str(args.init),
+                       "weights_sha256": hashlib.sha256((args.init / "model.safetensors").read_bytes()).hexdigest(),
+                       "record": json.loads((args.init / "training.json").read_text())}
+    else:
+        net = Dream(DreamConfig.from_dict(cfg_dict)).to(args.device)
+        init_weights(net)
     params = sum(p.numel() for p in net.parameters())
     print(f"model: {params / 1e6:.2f} M parameters", file=sys.stderr)
 
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    batches = Batches(docs, args.seq_len, eos, newline_ids, args.pad_prob, random.Random(args.seed))
+    batches = Batches(docs, args.seq_len, eos, newline_ids, args.infill_prob, random.Random(args.seed))
     gen = torch.Generator().manual_seed(args.seed)
     curve, t0 = [], time.time()
     net.train()
@@ -174,9 +233,9 @@ def main() -> int:
         lr = args.lr * min(1.0, step / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps)))
         for group in opt.param_groups:
             group["lr"] = lr
-        x0 = batches(args.batch).to(args.device)
+        x0, region = batches(args.batch)
         with torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16):
-            loss = diffusion_loss(net, x0, mask_id, args.eps, gen)
+            loss = diffusion_loss(net, x0.to(args.device), region.to(args.device), mask_id, args.eps, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -196,7 +255,7 @@ def main() -> int:
         "python": sys.version.split()[0], "torch": torch.__version__,
         "data": {"source": "CPython standard library .py files (PSF licence)", "train_files": len(train_files),
                  "held_out_files": len(held_files), "train_tokens": n_tokens, "sha256": data_hash(train_files)},
-        "parameters": params, "minutes": round((time.time() - started) / 60, 1), "curve": curve,
+        "init": init_record, "parameters": params, "minutes": round((time.time() - started) / 60, 1), "curve": curve,
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out} in {record['minutes']} min", file=sys.stderr)
