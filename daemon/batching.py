@@ -1,18 +1,20 @@
 """Requests from different editor windows denoised together: one forward pass per step for all.
 
 Which requests may share a batch (`batch_key`): completions or infills with one canvas size,
-fast decoding, the same sampling settings, and deterministic decoding (temperature 0, no
-alg_temp, not `origin`), because then a row's result does not depend on its batch-mates: the
-batch gives each request what it would get alone. Sampled requests run alone (their random
-draws would differ in a batch), and so do requests that use the per-document prefix cache. Requests with a deadline batch only with requests that have
-one; the earliest deadline finishes the whole batch.
+the same decoding (exact or fast), the same sampling settings, and deterministic decoding
+(temperature 0, no alg_temp, not `origin`), because then a row's result does not depend on its
+batch-mates: the batch gives each request what it would get alone. Sampled requests run alone
+(their random draws would differ in a batch), and so do requests that use the per-document
+prefix cache. Requests with a deadline batch only with requests that have one; the earliest
+deadline finishes the whole batch.
 
 `run_batch` lays the sequences out as the tasks do, left-pads them (network.padding_inputs: the
-reference's rules), denoises them with fast.denoise_fast, and calls each request's own per-step
-callback with its own row. A request whose callback raises Cancelled leaves the batch at that
-step (fast.Drop) and is settled at once; the others go on.
+reference's rules), denoises them (sampler.denoise or fast.denoise_fast), and calls each
+request's own per-step callback with its own row. A request whose callback raises Cancelled is
+settled at once (fast.Drop): fast decoding takes its row out of the batch, exact decoding keeps
+computing it and ignores it; the others go on.
 
-Knows tasks, the fast sampler and callbacks; not sockets, not the scheduler's queue.
+Knows tasks, the samplers and callbacks; not sockets, not the scheduler's queue.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ def batch_key(tasks, method: str, params) -> tuple | None:
     lengths = getattr(params, "lengths", None)
     if method not in ("complete", "infill") or (lengths and len(set(lengths)) > 1):
         return None
-    if tasks.decoding_of(s) != "fast" or tasks.uses_prefix_cache(s):
+    if tasks.uses_prefix_cache(s):
         return None
     if s.temperature > 0 or s.alg_temp or s.alg == "origin":
         return None
     canvas = lengths[0] if lengths else s.max_new_tokens
-    return (method, canvas, s.steps if lengths is None else (s.steps, s.max_new_tokens), s.alg, s.top_p,
+    return (method, canvas, tasks.decoding_of(s), s.steps if lengths is None else (s.steps, s.max_new_tokens), s.alg, s.top_p,
             s.top_k, s.eps, s.threshold, s.block_size, params.deadline_ms is not None,
             params.before_tokens is None, params.after_tokens is None)
 

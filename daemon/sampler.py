@@ -215,7 +215,9 @@ def denoise(
             history.append(x.clone())
         if callback is not None:
             answer = callback(Step(i, cfg.steps, x, revealed, int((x == mask_id).sum())))
-            finishing = finishing or answer == FINISH
+            # a batch's callback may answer fast.Drop: here the dropped rows are still computed
+            # (their results are ignored), and Drop(finish=True) finishes as FINISH does
+            finishing = finishing or answer == FINISH or getattr(answer, "finish", False)
         if last:
             break
     return Result(x=x, history=history, logprob=logprob, steps_run=steps_run, forward_passes=steps_run)

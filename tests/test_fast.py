@@ -142,8 +142,9 @@ def test_far_context_is_reused_while_typing_in_a_file_longer_than_the_budget(tin
     assert counts["context"] == 1 and counts["context_reused"] >= 3 * 128, counts  # encoded once, reused 3 times
 
 
-def test_batch_gives_each_request_what_it_gets_alone(tasks):
-    fast = Sampling(max_new_tokens=10, decoding="fast", threshold=0.05, block_size=4)
+@pytest.mark.parametrize("decoding", ["fast", "exact"])
+def test_batch_gives_each_request_what_it_gets_alone(tasks, decoding):
+    fast = Sampling(max_new_tokens=10, decoding=decoding, threshold=0.05, block_size=4)
     docs = [("def add(a, b):\n    return ", "\n"), ("x = ", ""), ("class Stack:\n    def pop(self):\n        ", "\n\n")]
     alone = [tasks.infill(b, a, fast) for b, a in docs]
     outcomes = {}
@@ -177,9 +178,10 @@ def test_drop_every_row_stops_and_keys_separate_what_cannot_share(tasks, tiny_ck
     assert len(outcomes) == 2 and all(isinstance(o, Cancelled) for o in outcomes.values())
     greedy = InfillParams(before="a", sampling=Sampling(decoding="fast"))
     assert batch_key(tasks, "infill", greedy) not in (None, batch_key(tasks, "complete", greedy))
-    for other in (Sampling(decoding="fast", temperature=0.5), Sampling(decoding="exact"),
-                  Sampling(decoding="fast", prefix_cache=True)):
+    for other in (Sampling(decoding="fast", temperature=0.5), Sampling(decoding="fast", prefix_cache=True)):
         assert batch_key(tasks, "infill", InfillParams(sampling=other)) is None
+    exact = batch_key(tasks, "infill", InfillParams(sampling=Sampling(decoding="exact")))
+    assert exact is not None and exact != batch_key(tasks, "infill", greedy)  # exact batches with exact only
     assert batch_key(tasks, "refine", greedy) is None
     x = torch.tensor([[5, tiny_ckpt.mask_id, 6], [tiny_ckpt.mask_id, tiny_ckpt.mask_id, 7]])
     with pytest.raises(InputError, match="same length"):
