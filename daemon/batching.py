@@ -104,8 +104,8 @@ def run_batch(tasks, items: list[BatchItem], settle: Callable[[int, object], Non
         return FINISH if finish else None
 
     try:
-        result = tasks.denoise(x, items[rows[0]].opts, n, on_step, attention_mask=attention_mask,
-                               position_ids=position_ids)
+        result = tasks.denoise(x, items[rows[0]].opts, n, on_step, cut_at_end=True,
+                               attention_mask=attention_mask, position_ids=position_ids)
     except Cancelled:
         return
     except Exception as e:

@@ -14,6 +14,10 @@ the tasks and the scheduler choose between them freely. What differs:
   (by `alg`), so a block never takes more than its share of `steps`: one token per step at the
   default steps, everything at the block's last allowed step. threshold > 1 never passes, which
   is the one-token-per-step schedule.
+- With `end_ids` (the infill and completion tasks, which cut their answer at the first end
+  token), an end token revealed in a row's span fills every mask after it at once: those
+  positions would be thrown away, and the model learnt end tokens to run to a canvas' end. A
+  short middle in a long canvas then costs passes for the middle only.
 - In a batch, a callback may answer `Drop(rows)`: those rows stop (their canvas stays as it is)
   and leave the batch's tensors, the others go on unchanged.
 - With a `prefix` (a PrefixStore and a group), the far context before the cursor is encoded
@@ -48,6 +52,9 @@ class FastConfig:
     threshold: float = DEFAULT_THRESHOLD  # reveal every masked token of the block at least this probable
     block_size: int = DEFAULT_BLOCK_SIZE
     context_chunk: int = 64  # far-context chunk (only with a prefix store)
+    # End tokens (infill and completion, whose answer is cut at the first end token): once one is
+    # revealed in a row's span, the masks after it are filled with it without spending passes.
+    end_ids: tuple[int, ...] = ()
 
     def check(self) -> None:
         if not self.threshold > 0:
@@ -94,6 +101,18 @@ def _reveal(x, logits, where, valid, k_min, cfg: SamplerConfig, threshold: float
     at, new = where[rows, cols], tokens[rows, cols]
     x[rows, at] = new
     logprob[rows, at] = torch.log_softmax(logits[rows, cols], dim=-1).gather(-1, new[:, None]).squeeze(-1)
+
+
+def _end_fill(x: torch.Tensor, first: torch.Tensor, span: int, ends: torch.Tensor, mask_id: int) -> None:
+    """In each row of x (B, N) whose span [first, first + span) holds an end token, fill the
+    masks after the first one with it."""
+    index = first[:, None] + torch.arange(span, device=x.device)  # (B, span)
+    tokens = x.gather(1, index)
+    is_end = torch.isin(tokens, ends)
+    at = is_end.to(torch.int8).argmax(dim=1, keepdim=True)  # the first end token (0 if none)
+    after = is_end.any(dim=1, keepdim=True) & (torch.arange(span, device=x.device) > at) & (tokens == mask_id)
+    if after.any():
+        x.scatter_(1, index, torch.where(after, tokens.gather(1, at), tokens))
 
 
 def _masked_first(block: torch.Tensor, masked: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,6 +163,7 @@ def denoise_fast(
     cache.reserve(B, N)
     frozen = _far_context(cache, x, int(first[0]), fast, prefix) if prefix and B == 1 and key_valid is None else 0
 
+    ends = torch.tensor(fast.end_ids, dtype=x.dtype, device=device) if fast.end_ids else None
     live = torch.arange(B, device=device)  # batch rows still decoding
     total = int(masked.sum(dim=1).max())
     steps_run = passes = 0
@@ -198,6 +218,8 @@ def denoise_fast(
             lp = logprob[live]
             before = x.clone()
             _reveal(xs, logits, where, valid, k_min, cfg, fast.threshold, generator, lp)
+            if ends is not None:
+                _end_fill(xs, first, span, ends, mask_id)
             x[live], logprob[live] = xs, lp
             if after_step(before):
                 return Result(x=x, history=history, logprob=logprob, steps_run=steps_run, forward_passes=passes)

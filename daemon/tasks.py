@@ -53,11 +53,11 @@ def sampler_config(opts: Options, canvas: int) -> SamplerConfig:
                          top_k=opts.top_k, alg_temp=opts.alg_temp, eps=opts.eps)
 
 
-def fast_config(opts: Options):
+def fast_config(opts: Options, end_ids: tuple[int, ...] = ()):
     from .fast import DEFAULT_THRESHOLD, FastConfig
 
     return FastConfig(threshold=DEFAULT_THRESHOLD if opts.threshold is None else opts.threshold,
-                      block_size=opts.block_size)
+                      block_size=opts.block_size, end_ids=end_ids)
 
 
 def _keep_last(ids: list[int], n: int, stride: int = 1) -> list[int]:
@@ -173,7 +173,7 @@ class Tasks:
             raise TooLarge(f"sequence of {n} tokens exceeds the model's {limit} positions")
 
     def _run(self, ids: list[int], opts: Options, canvas: int, callback, region: slice,
-             group: str | None = None) -> Result:
+             group: str | None = None, cut_at_end: bool = False) -> Result:
         self._check_sequence(len(ids))
         x = torch.tensor([ids], device=self.ckpt.device)
 
@@ -181,7 +181,7 @@ class Tasks:
             step.text = self.preview(step.x[0, region].tolist())
             return callback(step)
 
-        return self.denoise(x, opts, canvas, with_text if callback else None, group=group)
+        return self.denoise(x, opts, canvas, with_text if callback else None, group=group, cut_at_end=cut_at_end)
 
     def uses_prefix_cache(self, opts: Options) -> bool:
         return self.decoding_of(opts) == "fast" and (self.prefix_cache if opts.prefix_cache is None
@@ -194,9 +194,10 @@ class Tasks:
         return decoding
 
     def denoise(self, x: torch.Tensor, opts: Options, canvas: int, callback=None, group: str | None = None,
-                **padding) -> Result:
+                cut_at_end: bool = False, **padding) -> Result:
         """Denoise the canvas x (B, N) the way opts say; `padding`: attention_mask and position_ids
-        of a left-padded batch."""
+        of a left-padded batch. cut_at_end: the answer ends at the first end token (infill and
+        completion), so fast decoding need not decode what follows one."""
         gen = torch.Generator(device=self.ckpt.device).manual_seed(opts.seed)
         cfg = sampler_config(opts, canvas)
         if self.decoding_of(opts) == "exact":
@@ -210,7 +211,8 @@ class Tasks:
         if self._prefixes is None:
             self._prefixes = PrefixStore()
         prefix = (self._prefixes, group or "") if self.uses_prefix_cache(opts) else None
-        return denoise_fast(self.ckpt.network, x, self.ckpt.mask_id, cfg, fast=fast_config(opts), generator=gen,
+        fast = fast_config(opts, tuple(sorted(self.end_ids)) if cut_at_end else ())
+        return denoise_fast(self.ckpt.network, x, self.ckpt.mask_id, cfg, fast=fast, generator=gen,
                             callback=callback, cache=cache, prefix=prefix, **padding)
 
     def preview(self, region: list[int]) -> str:
@@ -259,7 +261,7 @@ class Tasks:
         best, candidates = None, []
         stride = fast_config(opts).context_chunk if self.uses_prefix_cache(opts) else 1
         for ids, start, n in self.plan_infill(task, before, after, sizes, budget, stride):
-            result = self._run(ids, opts, n, callback, slice(start, start + n), group)
+            result = self._run(ids, opts, n, callback, slice(start, start + n), group, cut_at_end=True)
             found = self.candidate(result.x[0], result.logprob[0], start, n)
             candidates.append(found[0])
             if best is None or found[0].score > best[0].score:

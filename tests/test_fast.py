@@ -74,6 +74,29 @@ def test_parallel_decoding_reveals_at_least_one_per_step_and_fills_every_mask(ti
     assert res.steps_run == 2 and not (res.x == mask).any()
 
 
+def test_an_end_token_fills_the_masks_after_it_at_once(tiny_ckpt):
+    from diffucode.daemon.fast import _end_fill
+
+    M, E, F = 99, 0, 7  # mask, end, some token
+    x = torch.tensor([[5, M, E, M, M, 6], [5, M, M, M, M, 6], [5, F, M, E, M, 6]])
+    _end_fill(x, torch.tensor([1, 1, 1]), 4, torch.tensor([E]), M)
+    assert x.tolist() == [[5, M, E, E, E, 6], [5, M, M, M, M, 6], [5, F, M, E, E, 6]]
+    # in decoding: every token counts as an end token here, so each reveal closes the span after it
+    mask = tiny_ckpt.mask_id
+    fast = FastConfig(threshold=NEVER, block_size=8)
+    plain = denoise_fast(tiny_ckpt.network, canvas(mask), mask, SamplerConfig(steps=20), fast=fast)
+    every = tuple(range(tiny_ckpt.config.vocab_size))
+    cut = denoise_fast(tiny_ckpt.network, canvas(mask), mask, SamplerConfig(steps=20),
+                       fast=FastConfig(threshold=NEVER, block_size=8, end_ids=every))
+    assert plain.forward_passes == 20 and cut.forward_passes < 20
+    assert not (cut.x == mask).any()
+    span, lp = cut.x[0, 10:30].tolist(), cut.logprob[0, 10:30].tolist()
+    by_model = [i for i, v in enumerate(lp) if v == v]  # the filled positions have no log-probability
+    assert len(by_model) == cut.forward_passes  # one reveal per pass; the rest filled for free
+    for i in set(range(20)) - set(by_model):  # each filled position copies an end token before it
+        assert any(j < i and span[j] == span[i] for j in by_model)
+
+
 def test_greedy_is_deterministic_and_bad_options_are_named(tiny_ckpt):
     x = canvas(tiny_ckpt.mask_id)
     a = denoise_fast(tiny_ckpt.network, x, tiny_ckpt.mask_id, SamplerConfig(steps=20), fast=FastConfig(block_size=8))
