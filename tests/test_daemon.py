@@ -144,7 +144,8 @@ def test_limits_give_clear_errors(daemon):
 
 def test_queue_limit_answers_overloaded(daemon):
     conn = daemon.connect()
-    ids = [infill(conn, sampling=LONG) for _ in range(7)]  # at most 1 running + 4 queued
+    alone = {**LONG, "temperature": 0.7}  # sampled: each runs alone (greedy ones would share a batch)
+    ids = [infill(conn, sampling=alone) for _ in range(7)]  # at most 1 running + 4 queued
     first = conn.reply(ids[-1])[0]
     assert first["name"] == "OVERLOADED" and "at its limit of 4" in first["message"]
     for i in ids:
