@@ -30,6 +30,15 @@ def test_plain_windows_are_open_to_masking_everywhere():
         assert len(w) == len(region) == 64 and all(region)
 
 
+def test_end_token_runs_follow_a_line_break(tmp_path):
+    b = Batches(docs(length=1000), 128, EOS, {NEWLINE}, 0.0, random.Random(3), pad_prob=1.0)
+    for _ in range(50):
+        w, region = b.window()
+        assert all(region) and EOS in w
+        at = w.index(EOS)
+        assert w[at - 1] == NEWLINE
+
+
 def test_infill_examples_are_a_middle_then_end_tokens_and_only_that_is_masked():
     source = docs(length=1000)
     b = Batches(source, 128, EOS, {NEWLINE}, 1.0, random.Random(2))

@@ -5,11 +5,13 @@ is drawn in (eps, 1], each token is masked with probability t, and the cross-ent
 masked positions (read through the logit shift, as at inference) is weighted by 1/t. Position 0
 is never masked: the shift gives it no left neighbour to be predicted from.
 
-Infill examples: with probability --infill-prob a window is laid out as the infill task lays out
-a request: a middle (lines or a piece of a line) followed by a run of `<|endoftext|>` tokens up to
-a canvas, and only that canvas is masked. The model thus learns where a middle ends and that end
-tokens fill the rest of a canvas, which is how the infill task lets a canvas shrink
-(daemon/tasks.py).
+End tokens inside a window, so that the model learns that end tokens inside a span mean "nothing
+here", which is how the infill task lets a canvas shrink (daemon/tasks.py):
+- --pad-prob (0.5, the bundled model's): a run of `<|endoftext|>` tokens inserted after a line
+  break;
+- --infill-prob (0 by default; an experiment, see README): a window laid out as the infill task
+  lays out a request: a middle (lines or a piece of a line), then end tokens up to a canvas, and
+  only that canvas masked.
 
 Data: the .py files of this machine's CPython standard library (PSF licence), tests and
 site-packages excluded, split into training and held-out sets by a hash of each file's path,
@@ -91,19 +93,25 @@ class Batches:
     """
 
     def __init__(self, docs: list[list[int]], seq_len: int, eos: int, newline_ids: set[int], infill_prob: float,
-                 rng: random.Random, max_pad: int = 40):
+                 rng: random.Random, max_pad: int = 40, pad_prob: float = 0.0):
         self.docs = [d for d in docs if len(d) > 16]
         self.weights = [len(d) for d in self.docs]
         self.seq_len, self.eos, self.newlines, self.infill_prob, self.rng = seq_len, eos, newline_ids, infill_prob, rng
-        self.max_pad = max_pad
+        self.max_pad, self.pad_prob = max_pad, pad_prob
 
     def window(self) -> tuple[list[int], list[bool]]:
         doc = self.rng.choices(self.docs, weights=self.weights)[0]
         start = self.rng.randrange(max(1, len(doc) - self.seq_len // 2))
         w = doc[start:start + self.seq_len]
         region = [True] * len(w)
-        if self.rng.random() < self.infill_prob:
+        if self.infill_prob and self.rng.random() < self.infill_prob:
             w, region = self.infill(w)
+        elif self.pad_prob and self.rng.random() < self.pad_prob:  # end tokens after a line break
+            breaks = [i + 1 for i, t in enumerate(w[:-1]) if t in self.newlines]
+            if breaks:
+                at = self.rng.choice(breaks)
+                w = w[:at] + [self.eos] * self.rng.randint(1, 12) + w[at:]
+                region = [True] * len(w)
         w, region = w[:self.seq_len], region[:self.seq_len]
         fill = self.seq_len - len(w)  # short files end in end tokens, as at inference
         return w + [self.eos] * fill, region + [True] * fill
@@ -169,7 +177,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--infill-prob", type=float, default=0.5, help="share of windows laid out as infill examples")
+    ap.add_argument("--pad-prob", type=float, default=0.5,
+                    help="share of windows with a run of end tokens inserted after a line break")
+    ap.add_argument("--infill-prob", type=float, default=0.0, help="share of windows laid out as infill examples")
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--init", type=Path, help="continue from this checkpoint (an earlier run's --out)")
     ap.add_argument("--device", default="cpu")
@@ -225,7 +235,8 @@ def main() -> int:
     print(f"model: {params / 1e6:.2f} M parameters", file=sys.stderr)
 
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    batches = Batches(docs, args.seq_len, eos, newline_ids, args.infill_prob, random.Random(args.seed))
+    batches = Batches(docs, args.seq_len, eos, newline_ids, args.infill_prob, random.Random(args.seed),
+                      pad_prob=args.pad_prob)
     gen = torch.Generator().manual_seed(args.seed)
     curve, t0 = [], time.time()
     net.train()
