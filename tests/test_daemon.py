@@ -199,7 +199,8 @@ def test_garbage_frames_never_take_the_daemon_down(daemon):
 def test_client_killed_mid_request(daemon):
     code = ("import socket, msgpack, time, sys\n"
             "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
-            "s.sendall(msgpack.packb([0, 1, 'infill', {'before': 'x', 'sampling': {'max_new_tokens': 1000, 'steps': 1000}}]))\n"
+            "long = {'max_new_tokens': 1000, 'steps': 1000, 'decoding': 'exact'}\n"  # fast may stop at an end token
+            "s.sendall(msgpack.packb([0, 1, 'infill', {'before': 'x', 'sampling': long}]))\n"
             "print('sent', flush=True); time.sleep(60)\n")
     conn = daemon.connect()
     before = conn.call("status")["counters"]["cancelled"]
