@@ -53,9 +53,9 @@ def batch_key(tasks, method: str, params) -> tuple | None:
     if s.temperature > 0 or s.alg_temp or s.alg == "origin":
         return None
     canvas = lengths[0] if lengths else s.max_new_tokens
-    return (method, canvas, tasks.decoding_of(s), s.steps if lengths is None else (s.steps, s.max_new_tokens), s.alg, s.top_p,
-            s.top_k, s.eps, s.threshold, s.block_size, params.deadline_ms is not None,
-            params.before_tokens is None, params.after_tokens is None)
+    steps = s.steps if lengths is None else (s.steps, s.max_new_tokens)
+    return (method, canvas, tasks.decoding_of(s), steps, s.alg, s.top_p, s.top_k, s.eps, s.threshold,
+            s.block_size, params.deadline_ms is not None, params.before_tokens is None, params.after_tokens is None)
 
 
 def run_batch(tasks, items: list[BatchItem], settle: Callable[[int, object], None]) -> None:

@@ -35,12 +35,11 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import sys
 import sysconfig
 import time
 from pathlib import Path
-
-import shutil
 
 import torch
 import torch.nn.functional as F
@@ -209,18 +208,8 @@ def main() -> int:
     n_tokens = sum(len(d) for d in docs)
     print(f"tokenizer: {tok.vocab_size} tokens; corpus {n_tokens} tokens", file=sys.stderr)
 
-    cfg_dict = {
-        "architectures": ["DreamModel"], "model_type": "Dream", "_name_or_path": "diffucode/tiny-stdlib",
-        "vocab_size": (tok.vocab_size + 7) // 8 * 8, "hidden_size": args.hidden,
-        "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
-        "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "hidden_act": "silu",
-        "max_position_embeddings": args.seq_len, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": eos, "eos_token_id": eos,
-        "pad_token_id": eos, "mask_token_id": mask_id, "use_cache": False, "attention_dropout": 0.0,
-        "diffucode_prompt_format": "raw",  # a base model, although its tokenizer has <|dlm_pad|>
-    }
     init_record = None
-    if args.init:
+    if args.init:  # the earlier run's shape (and positions) with its weights
         cfg_dict = json.loads((args.init / "config.json").read_text())
         args.seq_len = cfg_dict["max_position_embeddings"]
         net = load_weights(args.init, read_config(args.init), torch.device(args.device), torch.float32)
@@ -229,6 +218,17 @@ def main() -> int:
                        "weights_sha256": hashlib.sha256((args.init / "model.safetensors").read_bytes()).hexdigest(),
                        "record": json.loads((args.init / "training.json").read_text())}
     else:
+        cfg_dict = {
+            "architectures": ["DreamModel"], "model_type": "Dream", "_name_or_path": "diffucode/tiny-stdlib",
+            "vocab_size": (tok.vocab_size + 7) // 8 * 8, "hidden_size": args.hidden,
+            "intermediate_size": args.intermediate, "num_hidden_layers": args.layers,
+            "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "hidden_act": "silu",
+            "max_position_embeddings": args.seq_len, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": eos,
+            "eos_token_id": eos, "pad_token_id": eos, "mask_token_id": mask_id, "use_cache": False,
+            "attention_dropout": 0.0,
+            "diffucode_prompt_format": "raw",  # a base model, although its tokenizer has <|dlm_pad|>
+        }
         net = Dream(DreamConfig.from_dict(cfg_dict)).to(args.device)
         init_weights(net)
     params = sum(p.numel() for p in net.parameters())
