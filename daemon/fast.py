@@ -17,7 +17,11 @@ the tasks and the scheduler choose between them freely. What differs:
 - With `end_ids` (the infill and completion tasks, which cut their answer at the first end
   token), an end token revealed in a row's span fills every mask after it at once: those
   positions would be thrown away, and the model learnt end tokens to run to a canvas' end. A
-  short middle in a long canvas then costs passes for the middle only.
+  short middle in a long canvas then costs passes for the middle only. An end token is revealed
+  only at a row's first masked position, unless a step's minimum leaves no
+  other choice: a model that learnt to end a canvas is confident of end tokens far from the
+  cursor, and revealing those first, right to left, fixes a short answer before any of it is
+  written (greedy picks "end here" whenever it is more likely than not, at every position).
 - In a batch, a callback may answer `Drop(rows)`: those rows stop (their canvas stays as it is)
   and leave the batch's tensors, the others go on unchanged.
 - With a `prefix` (a PrefixStore and a group), the far context before the cursor is encoded
@@ -73,9 +77,12 @@ class Drop:
     finish: bool = False  # and, as FINISH, fill the other rows' remaining masks in one last step
 
 
-def _reveal(x, logits, where, valid, k_min, cfg: SamplerConfig, threshold: float, generator, logprob) -> None:
+def _reveal(x, logits, where, valid, k_min, cfg: SamplerConfig, threshold: float, generator, logprob,
+            ends: torch.Tensor | None = None) -> None:
     """Reveal, per row, the valid positions whose token passes `threshold`, and at least k_min of
-    the most confident. x (B, N), logits (B, P, V) predicting positions where (B, P)."""
+    the most confident. x (B, N), logits (B, P, V) predicting positions where (B, P), the masked
+    ones first and in order. With `ends`, an end token is revealed only at a row's first masked
+    position, or when k_min leaves no other choice (see the module's docstring)."""
     B, P, V = logits.shape
     probs = filtered_probs(logits.reshape(B * P, V), cfg)
     chosen, tokens = draw_tokens(probs, cfg, generator)
@@ -84,19 +91,28 @@ def _reveal(x, logits, where, valid, k_min, cfg: SamplerConfig, threshold: float
         conf = torch.rand(B, P, device=x.device, generator=generator)
     else:
         conf = confidence_of(probs, chosen.reshape(-1), CONFIDENCE_OF[cfg.alg]).view(B, P)
-    conf = conf.masked_fill(~valid, -torch.inf)
+    # An end token with a mask to its left waits: revealed, it would fix the answer's length before
+    # the answer is written (confident end tokens everywhere squeeze the middle, see the docstring).
+    late_end = torch.zeros(B, P, dtype=torch.bool, device=x.device)
+    if ends is not None:
+        late_end = valid & torch.isin(tokens, ends) & (torch.arange(P, device=x.device) > 0)
+    eligible = valid & ~late_end
     if cfg.alg_temp and cfg.alg != "origin":
         pick = torch.zeros(B, P, dtype=torch.bool, device=x.device)
         for b in range(B):
-            if k_min[b] > 0:
-                weights = F.softmax(conf[b] / cfg.alg_temp, dim=-1)
-                pick[b, torch.multinomial(weights, int(k_min[b]), generator=generator)] = True
-    else:
-        order = conf.argsort(dim=1, descending=True, stable=True)
+            k = min(int(k_min[b]), int(eligible[b].sum()))
+            if k > 0:
+                weights = F.softmax(conf[b].masked_fill(~eligible[b], -torch.inf) / cfg.alg_temp, dim=-1)
+                pick[b, torch.multinomial(weights, k, generator=generator)] = True
+            if k < k_min[b]:  # the rest from the waiting end tokens, leftmost first
+                pick[b, late_end[b].nonzero().flatten()[: int(k_min[b]) - k]] = True
+    else:  # rank: eligible by confidence, then waiting end tokens, then the rest (never picked)
+        key = torch.where(eligible, conf, torch.where(late_end, conf - 1e4, -torch.inf))
+        order = key.argsort(dim=1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(P, device=x.device).expand(B, P))
         pick = rank < k_min[:, None]
     pick &= valid
-    pick |= valid & (chosen >= threshold)
+    pick |= eligible & (chosen >= threshold)
     rows, cols = pick.nonzero(as_tuple=True)
     at, new = where[rows, cols], tokens[rows, cols]
     x[rows, at] = new
@@ -217,7 +233,7 @@ def denoise_fast(
             k_min = torch.where(left > 0, (left + (budget - j) - 1) // (budget - j), 0)
             lp = logprob[live]
             before = x.clone()
-            _reveal(xs, logits, where, valid, k_min, cfg, fast.threshold, generator, lp)
+            _reveal(xs, logits, where, valid, k_min, cfg, fast.threshold, generator, lp, ends)
             if ends is not None:
                 _end_fill(xs, first, span, ends, mask_id)
             x[live], logprob[live] = xs, lp

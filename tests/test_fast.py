@@ -97,6 +97,32 @@ def test_an_end_token_fills_the_masks_after_it_at_once(tiny_ckpt):
         assert any(j < i and span[j] == span[i] for j in by_model)
 
 
+def test_an_end_token_waits_until_no_mask_is_left_before_it():
+    from diffucode.daemon.fast import _reveal
+
+    V, E, M = 10, 0, 9  # vocabulary, end token, mask
+    where = torch.tensor([[1, 2, 3, 4]])  # the block's masked positions, in order
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    logits = torch.full((1, 4, V), -10.0)
+    logits[0, 0, 3] = logits[0, 0, 4] = 0.0  # position 1: a coin toss between tokens 3 and 4
+    logits[0, 1:, E] = 10.0  # positions 2 to 4: certainly the end token
+    ends = torch.tensor([E])
+
+    def reveal(k_min, ends, alg_temp=0.0):
+        x, lp = torch.tensor([[5, M, M, M, M, 6]]), torch.full((1, 6), float("nan"))
+        _reveal(x, logits, where, valid, torch.tensor([k_min]), SamplerConfig(steps=4, alg_temp=alg_temp), 0.9,
+                torch.Generator().manual_seed(0), lp, ends)
+        return x[0].tolist()
+
+    assert reveal(1, None) == [5, M, E, E, E, 6]  # without the rule the end tokens pass the threshold
+    assert reveal(1, ends) == [5, 3, M, M, M, 6]  # with it, the answer's start comes first
+    assert reveal(3, ends) == [5, 3, E, E, M, 6]  # a minimum of 3: waiting end tokens, leftmost first
+    assert reveal(4, ends) == [5, 3, E, E, E, 6]  # the block's last step still reveals everything
+    assert reveal(3, ends, alg_temp=0.5) == [5, 3, E, E, M, 6]  # sampled order: the same guarantee
+    logits[0, 0, E] = 5.0  # an end token at the first masked position is revealed: the answer is empty
+    assert reveal(1, ends) == [5, E, M, M, M, 6]
+
+
 def test_greedy_is_deterministic_and_bad_options_are_named(tiny_ckpt):
     x = canvas(tiny_ckpt.mask_id)
     a = denoise_fast(tiny_ckpt.network, x, tiny_ckpt.mask_id, SamplerConfig(steps=20), fast=FastConfig(block_size=8))
