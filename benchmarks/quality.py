@@ -8,7 +8,7 @@ removed and the model fills it from the code before and after. Reported per meth
 Baselines: an empty line; a copy of the line above. This is also the quality guard for the fast
 decoding to come: run it before and after.
 
-    python benchmarks/quality.py [--model DIR] [--samples 200] [--canvas 24]
+    python benchmarks/quality.py [--model DIR] [--samples 200] [--canvas 24] [--decoding exact,fast]
 
 Last line: JSON.
 """
@@ -73,35 +73,41 @@ def main() -> int:
     ap.add_argument("--canvas", type=int, default=24, help="masks per line (end tokens shrink it)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: one per mask)")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--decoding", default="exact",
+                    help="comma-separated decodings to score, each a row: exact, fast (default exact)")
     args = ap.parse_args()
     from diffucode.models import default_model
 
     model = args.model or str(default_model())
     tasks = Tasks(load_checkpoint(model, device="cpu"))
     cases = samples(args.samples, args.seed)
-    t0 = time.perf_counter()
-    preds, passes = [], 0
-    for before, _, after, _ in cases:
-        ans = tasks.infill(before, after, Options(max_new_tokens=args.canvas, steps=args.steps))
-        preds.append(ans.text.split("\n", 1)[0])
-        passes += ans.forward_passes
-    seconds = time.perf_counter() - t0
-    rows = {
-        "model": score(preds, cases, tasks.tok),
-        "baseline: empty line": score([""] * len(cases), cases, tasks.tok),
-        "baseline: line above": score([c[3] for c in cases], cases, tasks.tok),
-    }
+    decodings = args.decoding.split(",")
+    for d in decodings:
+        if d not in ("exact", "fast"):
+            raise SystemExit(f"--decoding {d!r} is unknown (use exact, fast or both, comma-separated)")
+    rows, timing = {}, {}
+    for d in decodings:
+        t0 = time.perf_counter()
+        preds, passes = [], 0
+        for before, _, after, _ in cases:
+            ans = tasks.infill(before, after, Options(max_new_tokens=args.canvas, steps=args.steps, decoding=d))
+            preds.append(ans.text.split("\n", 1)[0])
+            passes += ans.forward_passes
+        rows[f"model, {d}"] = score(preds, cases, tasks.tok)
+        timing[d] = {"seconds": round(time.perf_counter() - t0, 1), "forward_passes_per_line": round(passes / len(cases), 2)}
+    rows["baseline: empty line"] = score([""] * len(cases), cases, tasks.tok)
+    rows["baseline: line above"] = score([c[3] for c in cases], cases, tasks.tok)
     print(f"single-line infill on {len(cases)} held-out lines (seed {args.seed}), canvas {args.canvas}, "
           f"model {model}")
     print(f"{'method':24s} {'exact match':>12s} {'token acc.':>11s} {'brackets':>9s}")
     for name, r in rows.items():
         print(f"{name:24s} {r['exact_match']:11.1f}% {r['token_accuracy']:10.1f}% {r['bracket_balance']:8.1f}%")
-    print(f"model time: {seconds:.1f} s, {passes / len(cases):.1f} forward passes per line, "
-          f"{platform.machine()} {os.cpu_count()} cores")
+    for d, t in timing.items():
+        print(f"model time, {d}: {t['seconds']:.1f} s, {t['forward_passes_per_line']:.1f} forward passes per line, "
+              f"{platform.machine()} {os.cpu_count()} cores")
     print(json.dumps({"benchmark": "quality", "samples": len(cases), "seed": args.seed, "canvas": args.canvas,
                       "steps": args.steps, "held_out_sha256": data_hash(split(stdlib_files())[1]),
-                      "rows": rows, "seconds": round(seconds, 1),
-                      "forward_passes_per_line": round(passes / len(cases), 2)}))
+                      "rows": rows, "timing": timing}))
     return 0
 
 
