@@ -7,11 +7,11 @@ is never masked: the shift gives it no left neighbour to be predicted from.
 
 End tokens inside a window, so that the model learns that end tokens inside a span mean "nothing
 here", which is how the infill task lets a canvas shrink (daemon/tasks.py):
-- --pad-prob (0.5, the bundled model's): a run of `<|endoftext|>` tokens inserted after a line
-  break;
-- --infill-prob (0 by default; an experiment, see README): a window laid out as the infill task
-  lays out a request: a middle (lines or a piece of a line), then end tokens up to a canvas, and
-  only that canvas masked.
+- --pad-prob (0.5; the bundled model's first and third runs): a run of `<|endoftext|>` tokens
+  inserted after a line break;
+- --infill-prob (0 by default; the bundled model's second and third runs, see README): a window
+  laid out as the infill task lays out a request: a middle (lines or a piece of a line), then end
+  tokens up to a canvas, and only that canvas masked.
 
 Data: the .py files of this machine's CPython standard library (PSF licence), tests and
 site-packages excluded, split into training and held-out sets by a hash of each file's path,
