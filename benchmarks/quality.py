@@ -76,15 +76,15 @@ def main() -> int:
     ap.add_argument("--decoding", default="exact",
                     help="comma-separated decodings to score, each a row: exact, fast (default exact)")
     args = ap.parse_args()
+    decodings = args.decoding.split(",")
+    for d in decodings:
+        if d not in ("exact", "fast"):
+            raise SystemExit(f"--decoding {d!r} is unknown (use exact, fast or both, comma-separated)")
     from diffucode.models import default_model
 
     model = args.model or str(default_model())
     tasks = Tasks(load_checkpoint(model, device="cpu"))
     cases = samples(args.samples, args.seed)
-    decodings = args.decoding.split(",")
-    for d in decodings:
-        if d not in ("exact", "fast"):
-            raise SystemExit(f"--decoding {d!r} is unknown (use exact, fast or both, comma-separated)")
     rows, timing = {}, {}
     for d in decodings:
         t0 = time.perf_counter()
