@@ -119,8 +119,13 @@ def test_an_end_token_waits_until_no_mask_is_left_before_it():
     assert reveal(3, ends) == [5, 3, E, E, M, 6]  # a minimum of 3: waiting end tokens, leftmost first
     assert reveal(4, ends) == [5, 3, E, E, E, 6]  # the block's last step still reveals everything
     assert reveal(3, ends, alg_temp=0.5) == [5, 3, E, E, M, 6]  # sampled order: the same guarantee
-    logits[0, 0, E] = 5.0  # an end token at the first masked position is revealed: the answer is empty
-    assert reveal(1, ends) == [5, E, M, M, M, 6]
+    # in a batch, each row by its own first mask: row 1 also ends at once (an empty answer)
+    x, lp = torch.tensor([[5, M, M, M, M, 6]] * 2), torch.full((2, 6), float("nan"))
+    both = torch.cat((logits, logits.clone()))
+    both[1, 0, E] = 5.0
+    _reveal(x, both, where.expand(2, 4), valid.expand(2, 4), torch.tensor([1, 1]), SamplerConfig(steps=4), 0.9,
+            None, lp, ends)
+    assert x.tolist() == [[5, 3, M, M, M, 6], [5, E, M, M, M, 6]]
 
 
 def test_greedy_is_deterministic_and_bad_options_are_named(tiny_ckpt):
