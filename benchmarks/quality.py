@@ -54,6 +54,16 @@ def samples(n: int, seed: int, max_context_lines: int = 60) -> list[tuple[str, s
     return out
 
 
+def fill(tasks: Tasks, cases, opts: Options) -> list:
+    """The model's answer to each case."""
+    return [tasks.infill(before, after, opts) for before, _, after, _ in cases]
+
+
+def first_line(answer) -> str:
+    """What is scored of an answer: its first line (the case is one line)."""
+    return answer.text.split("\n", 1)[0]
+
+
 def score(preds: list[str], cases, tok) -> dict:
     exact = tokens = bal = 0.0
     for pred, (_, truth, _, _) in zip(preds, cases):
@@ -88,12 +98,9 @@ def main() -> int:
     rows, timing = {}, {}
     for d in decodings:
         t0 = time.perf_counter()
-        preds, passes = [], 0
-        for before, _, after, _ in cases:
-            ans = tasks.infill(before, after, Options(max_new_tokens=args.canvas, steps=args.steps, decoding=d))
-            preds.append(ans.text.split("\n", 1)[0])
-            passes += ans.forward_passes
-        rows[f"model, {d}"] = score(preds, cases, tasks.tok)
+        answers = fill(tasks, cases, Options(max_new_tokens=args.canvas, steps=args.steps, decoding=d))
+        rows[f"model, {d}"] = score([first_line(a) for a in answers], cases, tasks.tok)
+        passes = sum(a.forward_passes for a in answers)
         timing[d] = {"seconds": round(time.perf_counter() - t0, 1), "forward_passes_per_line": round(passes / len(cases), 2)}
     rows["baseline: empty line"] = score([""] * len(cases), cases, tasks.tok)
     rows["baseline: line above"] = score([c[3] for c in cases], cases, tasks.tok)

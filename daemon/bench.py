@@ -315,16 +315,15 @@ def _quality_guard(args, tok) -> dict | None:
     out = {}
     for name, opts in runs.items():
         t0 = time.perf_counter()
-        answers[name] = [tasks.infill(before, after, opts) for before, _, after, _ in cases]
+        answers[name] = quality.fill(tasks, cases, opts)
         seconds = time.perf_counter() - t0
-        preds = [a.text.split("\n", 1)[0] for a in answers[name]]
-        row = quality.score(preds, cases, tok)
+        row = quality.score([quality.first_line(a) for a in answers[name]], cases, tok)
         ref = answers["exact"]
         row["agreement_with_exact"] = round(100 * statistics.fmean(
             sum(x == y for x, y in zip(a.tokens, b.tokens)) / max(1, len(a.tokens), len(b.tokens))
             for a, b in zip(answers[name], ref)), 1)
         row["same_line_as_exact"] = round(100 * statistics.fmean(
-            a.text.split("\n", 1)[0] == b.text.split("\n", 1)[0] for a, b in zip(answers[name], ref)), 1)
+            quality.first_line(a) == quality.first_line(b) for a, b in zip(answers[name], ref)), 1)
         passes = sum(a.forward_passes for a in answers[name])
         row["passes_per_token"] = round(passes / (canvas * len(cases)), 3)  # per canvas position decoded
         row["passes_per_kept_token"] = round(passes / max(1, sum(len(a.tokens) for a in answers[name])), 3)

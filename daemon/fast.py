@@ -93,9 +93,8 @@ def _reveal(x, logits, where, valid, k_min, cfg: SamplerConfig, threshold: float
         conf = confidence_of(probs, chosen.reshape(-1), CONFIDENCE_OF[cfg.alg]).view(B, P)
     # An end token with a mask to its left waits: revealed, it would fix the answer's length before
     # the answer is written (confident end tokens everywhere squeeze the middle, see the docstring).
-    late_end = torch.zeros(B, P, dtype=torch.bool, device=x.device)
-    if ends is not None:
-        late_end = valid & torch.isin(tokens, ends) & (torch.arange(P, device=x.device) > 0)
+    late_end = (valid & torch.isin(tokens, ends) & (torch.arange(P, device=x.device) > 0) if ends is not None
+                else torch.zeros_like(valid))
     eligible = valid & ~late_end
     if cfg.alg_temp and cfg.alg != "origin":
         pick = torch.zeros(B, P, dtype=torch.bool, device=x.device)

@@ -114,7 +114,7 @@ class Tasks:
                 "chatml" if self.tok.token_id("<|dlm_pad|>") is not None else "raw")
         self.prompt_format = prompt_format
         ends = {self.tok.token_id(t) for t in END_TOKENS} | {ckpt.config.eos_token_id, ckpt.config.pad_token_id}
-        self.end_ids = {i for i in ends if i is not None}
+        self.end_ids = tuple(sorted(i for i in ends if i is not None))  # few: a tuple serves `in` and FastConfig
 
     # --- prompt layout -------------------------------------------------------------------
 
@@ -211,7 +211,7 @@ class Tasks:
         if self._prefixes is None:
             self._prefixes = PrefixStore()
         prefix = (self._prefixes, group or "") if self.uses_prefix_cache(opts) else None
-        fast = fast_config(opts, tuple(sorted(self.end_ids)) if cut_at_end else ())
+        fast = fast_config(opts, self.end_ids if cut_at_end else ())
         return denoise_fast(self.ckpt.network, x, self.ckpt.mask_id, cfg, fast=fast, generator=gen,
                             callback=callback, cache=cache, prefix=prefix, **padding)
 
