@@ -75,6 +75,7 @@ class DaemonClient(_Methods):
         self.last_request_id = 0
         self.close_reason: str | None = None  # why the last connection ended
         self.disconnected_at: float | None = None  # time.monotonic() when it ended
+        self._frame_error: RPCError | None = None  # the daemon's last error about no request (id None)
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
         self._write_lock = asyncio.Lock()
@@ -117,7 +118,7 @@ class DaemonClient(_Methods):
             raise
         except OSError as e:
             raise DaemonUnavailable(f"cannot connect to the daemon at {self.address}: {e}") from e
-        self.close_reason = self.disconnected_at = None
+        self.close_reason = self.disconnected_at = self._frame_error = None
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read_loop(reader, writer),
                                                 name=f"diffucode-client {self.address}")
@@ -232,6 +233,8 @@ class DaemonClient(_Methods):
                 unpacker.feed(data)
                 for message in unpacker:
                     self._dispatch(message)
+            if self._frame_error is not None:  # e.g. OVERLOADED: too many clients; it says so, then closes
+                reason = f"the daemon closed the connection: {self._frame_error}"
         except asyncio.CancelledError:
             reason = "the client closed the connection"
             raise
@@ -245,6 +248,8 @@ class DaemonClient(_Methods):
             _, msgid, error, result = message
             reply = self._pending.get(msgid) if isinstance(msgid, int) else None
             if reply is None:  # a late reply to a request given up on, or an error about a frame (id None)
+                if msgid is None and error is not None:
+                    self._frame_error = RPCError.from_wire(error)
                 level = logging.WARNING if msgid is None and error is not None else logging.DEBUG
                 log.log(level, "the daemon replied to request %r: %s", msgid,
                         RPCError.from_wire(error) if error is not None else "ok")

@@ -38,6 +38,8 @@ class ServerLimits:
     max_connections: int = 64
 
 
+LINGER_S = 5.0  # after an error that closes a connection: how long to drain the client's bytes
+
 class Connection:
     """One client: its writer, its requests in flight (for `cancel` and for cleanup)."""
 
@@ -67,7 +69,7 @@ class Connection:
                 except msgpack.BufferFull:
                     self.reply(None, RPCError(ErrorCode.TOO_LARGE, f"frame exceeds the limit of "
                                               f"{self.server.limits.max_frame_bytes} bytes; closing"))
-                    return
+                    return await close_after_error(self.reader, self.writer)
                 while True:
                     try:
                         message = next(unpacker)
@@ -76,9 +78,9 @@ class Connection:
                     except Exception as e:  # FormatError, StackError, unhashable map keys, ...
                         # the byte stream is no longer trustworthy: answer, then close this connection
                         self.reply(None, RPCError(ErrorCode.INVALID_FRAME, f"undecodable msgpack ({e}); closing"))
-                        return
+                        return await close_after_error(self.reader, self.writer)
                     if not await self.handle(message):
-                        return
+                        return await close_after_error(self.reader, self.writer)
                 await self.writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return
@@ -107,7 +109,6 @@ class Connection:
                     return True
                 self.reply(msgid, RPCError(ErrorCode.UNAUTHORIZED, "this TCP connection must first send "
                                                                    "`auth` with the daemon's token"))
-                await self.writer.drain()
                 return False
             await self.request(msgid, method, params)
             return True
@@ -172,6 +173,29 @@ class Connection:
             self.reply(msgid, None, to_wire(fut.result()))
 
 
+async def close_after_error(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Close a connection the daemon gives up on without losing the error reply it just wrote.
+
+    Closing a socket that still holds unread bytes from the client makes the kernel reset the
+    connection, and the client then sees the reset instead of the reply (TCP drops the reply
+    itself). So flush, shut our side (the client reads the reply, then the end of the stream),
+    and read and drop what the client still sends, until it closes too or LINGER_S pass.
+    """
+    async def drop_until_eof():
+        while await reader.read(65536):
+            pass
+
+    try:
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        await asyncio.wait_for(drop_until_eof(), LINGER_S)
+    except (ConnectionError, asyncio.TimeoutError):
+        pass
+    finally:
+        writer.close()
+
+
 def short(value) -> str:
     """A bounded repr for error messages (a frame may hold megabytes)."""
     return _repr.repr(value)
@@ -219,8 +243,9 @@ class DaemonServer:
         if len(self.connections) >= self.limits.max_connections:
             conn = Connection(self, reader, writer, needs_auth=False)
             conn.reply(None, RPCError(ErrorCode.OVERLOADED, f"{len(self.connections)} connections is the "
-                                                            f"limit of {self.limits.max_connections}"))
-            writer.close()
+                                                            f"limit of {self.limits.max_connections}; "
+                                                            f"try again later"))
+            await close_after_error(reader, writer)
             return
         conn = Connection(self, reader, writer, needs_auth=self.address.is_tcp)
         self.connections.add(conn)

@@ -109,7 +109,8 @@ def serve(args, address: Address) -> int:
     if not args.no_watch:
         state.watch()
     server = DaemonServer(state, address, ServerLimits(max_frame_bytes=args.max_frame_bytes,
-                                                       max_queue=args.max_queue))
+                                                       max_queue=args.max_queue,
+                                                       max_connections=args.max_connections))
 
     async def main():
         await server.start()

@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true",
                    help="if a daemon already serves this address, shut it down and take over")
     p.add_argument("--max-queue", type=_positive_int, default=16, help="pending requests before OVERLOADED (16)")
+    p.add_argument("--max-connections", type=_positive_int, default=64,
+                   help="clients connected at once; the next one is told OVERLOADED (64)")
     p.add_argument("--max-frame-bytes", type=_positive_int, default=8 * 1024 * 1024,
                    help="largest accepted message in bytes (8 MiB)")
     p.add_argument("--max-canvas-tokens", type=_positive_int, default=1024,

@@ -378,6 +378,36 @@ def test_tcp_with_the_right_token_works_and_a_wrong_one_is_refused(base, tiny_di
         stop_daemon(proc)
 
 
+def test_a_full_daemon_says_why_it_closed(base, tiny_dir):
+    address, log = Address(socket=base / "full.sock"), base / "full.log"
+    proc = start_daemon(tiny_dir, log, "--socket", str(address.socket), "--max-connections", "1")
+    try:
+        wait_ready(address, proc, log)
+
+        async def main():
+            held = DaemonClient(address)
+            deadline = time.monotonic() + 30
+            while True:  # wait_ready's closed connection frees its place once the daemon reads the close
+                await held.connect()
+                try:
+                    await held.status()
+                    break
+                except DaemonUnavailable:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+            turned_away = DaemonClient(address)
+            await turned_away.connect()
+            with pytest.raises(DaemonUnavailable, match="OVERLOADED: 1 connections is the limit of 1"):
+                await turned_away.status()
+            assert not turned_away.connected and "limit of 1" in turned_away.close_reason
+            assert (await held.status())["uptime_s"] >= 0  # the one admitted is untouched
+            await held.close()
+
+        run(main())
+    finally:
+        stop_daemon(proc)
+
+
 def test_importing_the_client_does_not_import_torch():
     code = "import sys, diffucode.daemon.client; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
