@@ -291,6 +291,12 @@ def test_tcp_needs_the_token(model_dir, tmp_path):
             if msg is not None:
                 assert msg[0] == 1 and msg[2]["name"] == "UNAUTHORIZED"
                 assert bad.read() is None  # and the connection is closed
+        # a client that sends on before reading still gets the answer (no reset drops it)
+        eager = Conn(socket.create_connection((host, int(port)), timeout=10))
+        eager.send([0, 1, "status", {}])
+        eager.send([0, 2, "status", {"padding": "x" * 1_000_000}])
+        msg = eager.read()
+        assert msg[0] == 1 and msg[2]["name"] == "UNAUTHORIZED" and eager.read() is None
         out = subprocess.run([sys.executable, "-m", "diffucode", "status", "--tcp", d.tcp, "--token-file",
                               str(d.token_file)], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
