@@ -248,11 +248,12 @@ class DaemonClient(_Methods):
             _, msgid, error, result = message
             reply = self._pending.get(msgid) if isinstance(msgid, int) else None
             if reply is None:  # a late reply to a request given up on, or an error about a frame (id None)
-                if msgid is None and error is not None:
-                    self._frame_error = RPCError.from_wire(error)
-                level = logging.WARNING if msgid is None and error is not None else logging.DEBUG
-                log.log(level, "the daemon replied to request %r: %s", msgid,
-                        RPCError.from_wire(error) if error is not None else "ok")
+                err = RPCError.from_wire(error) if error is not None else None
+                about_a_frame = msgid is None and err is not None
+                if about_a_frame:
+                    self._frame_error = err  # the daemon may close next: this is why
+                log.log(logging.WARNING if about_a_frame else logging.DEBUG,
+                        "the daemon replied to request %r: %s", msgid, err or "ok")
             elif not reply.done():
                 if error is not None:
                     reply.set_exception(RPCError.from_wire(error))

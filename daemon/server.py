@@ -40,6 +40,7 @@ class ServerLimits:
 
 LINGER_S = 5.0  # after an error that closes a connection: how long to drain the client's bytes
 
+
 class Connection:
     """One client: its writer, its requests in flight (for `cancel` and for cleanup)."""
 
@@ -57,37 +58,48 @@ class Connection:
         self.send([RESPONSE, msgid, error.to_wire() if error else None, result])
 
     async def serve(self) -> None:
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=self.server.limits.max_frame_bytes,
-                                    strict_map_key=False)
+        """Answer frames until the client closes, or until an error ends the connection: then
+        its requests stop at once and the error reply is delivered before the close."""
+        gave_up = False
         try:
-            while True:
-                data = await self.reader.read(65536)
-                if not data:
-                    return
-                try:
-                    unpacker.feed(data)
-                except msgpack.BufferFull:
-                    self.reply(None, RPCError(ErrorCode.TOO_LARGE, f"frame exceeds the limit of "
-                                              f"{self.server.limits.max_frame_bytes} bytes; closing"))
-                    return await close_after_error(self.reader, self.writer)
-                while True:
-                    try:
-                        message = next(unpacker)
-                    except StopIteration:
-                        break
-                    except Exception as e:  # FormatError, StackError, unhashable map keys, ...
-                        # the byte stream is no longer trustworthy: answer, then close this connection
-                        self.reply(None, RPCError(ErrorCode.INVALID_FRAME, f"undecodable msgpack ({e}); closing"))
-                        return await close_after_error(self.reader, self.writer)
-                    if not await self.handle(message):
-                        return await close_after_error(self.reader, self.writer)
-                await self.writer.drain()
+            gave_up = await self._answer_frames()
         except (ConnectionError, asyncio.IncompleteReadError):
-            return
+            pass
         finally:
             for job in self.jobs.values():
                 job.cancel("the client disconnected")
-            self.writer.close()
+            if not gave_up:
+                self.writer.close()
+        if gave_up:
+            await close_after_error(self.reader, self.writer)
+
+    async def _answer_frames(self) -> bool:
+        """Read and answer frames; False when the client closed, True after an error reply that
+        ends the connection."""
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=self.server.limits.max_frame_bytes,
+                                    strict_map_key=False)
+        while True:
+            data = await self.reader.read(65536)
+            if not data:
+                return False
+            try:
+                unpacker.feed(data)
+            except msgpack.BufferFull:
+                self.reply(None, RPCError(ErrorCode.TOO_LARGE, f"frame exceeds the limit of "
+                                          f"{self.server.limits.max_frame_bytes} bytes; closing"))
+                return True
+            while True:
+                try:
+                    message = next(unpacker)
+                except StopIteration:
+                    break
+                except Exception as e:  # FormatError, StackError, unhashable map keys, ...
+                    # the byte stream is no longer trustworthy: answer, then close this connection
+                    self.reply(None, RPCError(ErrorCode.INVALID_FRAME, f"undecodable msgpack ({e}); closing"))
+                    return True
+                if not await self.handle(message):
+                    return True
+            await self.writer.drain()
 
     async def handle(self, message) -> bool:
         """Dispatch one decoded message; False closes the connection."""
