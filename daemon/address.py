@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .errors import InputError
 
+EXIT_ADDRESS_TAKEN = 1  # `diffucode serve`'s exit status when another daemon holds its address
+
 
 def runtime_dir() -> Path:
     """$XDG_RUNTIME_DIR/diffucode, else a per-user folder in the temp dir; created 0700."""

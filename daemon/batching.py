@@ -66,6 +66,7 @@ def run_batch(tasks, items: list[BatchItem], settle: Callable[[int, object], Non
     for i, item in enumerate(items):
         n = item.lengths[0] if item.lengths else item.opts.max_new_tokens
         try:
+            tasks.check(item.opts, item.lengths, before=item.before, after=item.after)
             plans.append(tasks.plan_infill(item.task, item.before, item.after, [n], item.budget)[0])
             rows.append(i)
         except Exception as e:  # a request over a limit fails alone

@@ -3,9 +3,12 @@
 A checkpoint is a Hugging Face-format directory (config.json, model.safetensors or shards with
 model.safetensors.index.json, tokenizer files) or a hub id found in the local Hugging Face
 cache (offline: only `diffucode pull` touches the network). The network is built on the meta
-device and the memory-mapped safetensors are assigned to it, so loading costs little more than
-reading the files. Every name, shape and dtype is checked first; an error names the file and
-the tensor, what was expected and what was found.
+device and the tensors read from the safetensors files are assigned to it, so loading costs
+little more than reading the files. Each tensor is read into memory of its own, never served from
+a memory map: a checkpoint overwritten or truncated in place while the daemon runs then cannot
+take it down (a mapped page that vanishes is a SIGBUS), and a file cut short while it is read is
+an error naming it. Every name, shape and dtype is checked first, and every value must be
+finite; an error names the file and the tensor, what was expected and what was found.
 
 Quantized loading is delegated to diffucode.quantization: with `quantize`, the Linear layers are
 swapped for quantized ones on the device as they load; a directory whose config.json has a
@@ -15,13 +18,13 @@ swapped for quantized ones on the device as they load; a directory whose config.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import torch
-from safetensors import safe_open
 
 from .errors import CheckpointError
 from .network import Dream, DreamConfig
@@ -148,20 +151,82 @@ def expected_shapes(cfg: DreamConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in net.state_dict().items()}
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+
+def safetensors_header(f, file: Path, size: int) -> tuple[dict, int]:
+    """The JSON header of an open safetensors file and where its data starts."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise CheckpointError(f"{file}: not a safetensors file ({size} bytes, too short for a header)")
+    n = int.from_bytes(raw, "little")
+    if n > min(MAX_HEADER_BYTES, size - 8):
+        raise CheckpointError(f"{file}: not a safetensors file (header of {n} bytes in a file of {size})")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not a safetensors file (header is not JSON: {e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: not a safetensors file (header is not a JSON object)")
+    return header, 8 + n
+
+
+def _entry(file: Path, name: str, info, data_size: int) -> tuple[torch.dtype, list[int], int, int]:
+    try:
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        shape = [int(d) for d in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: tensor {name!r} has a malformed header entry ({e!r})") from e
+    numel = 1
+    for d in shape:
+        numel *= d
+    want = numel * torch.empty((), dtype=dtype).element_size()
+    if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != want:
+        raise CheckpointError(f"{file}: tensor {name!r} spans bytes {begin}..{end}, but {info['dtype']} "
+                              f"{shape} needs {want}")
+    if end > data_size:
+        raise CheckpointError(f"{file}: tensor {name!r} ends at byte {end} of the data, but the file holds "
+                              f"only {data_size} (truncated?)")
+    return dtype, shape, begin, end
+
+
+def read_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of one safetensors file, in file order, each read into fresh memory (no
+    memory map: the file may change under a running daemon without harm)."""
+    try:
+        f = open(file, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror})") from e
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        header, start = safetensors_header(f, file, size)
+        entries = {k: _entry(file, k, v, size - start) for k, v in header.items() if k != "__metadata__"}
+        for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
+            t = torch.empty(shape, dtype=dtype)
+            if end > begin:
+                view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                f.seek(start + begin)
+                got = 0
+                while got < end - begin:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise CheckpointError(f"{file}: tensor {name!r} is cut short at byte {begin + got} "
+                                              f"(the file changed or was truncated while it was read)")
+                    got += n
+            yield name, t
+
+
 def iter_tensors(path: Path) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, name, tensor) for every tensor of a checkpoint, one at a time, memory-mapped."""
+    """(file, name, tensor) for every tensor of a checkpoint, one at a time, each in its own memory."""
     for file in weight_files(path):
-        try:
-            handle = safe_open(file, framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from e
-        with handle as f:
-            for name in f.keys():
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as e:
-                    raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from e
-                yield file, name, tensor
+        for name, tensor in read_tensors(file):
+            yield file, name, tensor
 
 
 def check_tensor(file: Path, name: str, t: torch.Tensor, expected: dict[str, tuple[int, ...]]) -> None:
@@ -177,6 +242,28 @@ def check_tensor(file: Path, name: str, t: torch.Tensor, expected: dict[str, tup
                               f"expected a floating-point dtype")
 
 
+def check_finite(file: Path, name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{file.name}: tensor {name!r} holds {bad} NaN or infinite value{'s' * (bad > 1)}")
+
+
+def check_layers(path: Path, cfg: DreamConfig) -> None:
+    """Whole layers beyond num_hidden_layers (0..N-1 all there, N too many): config.json's count
+    is what is wrong, so say so. (A stray tensor is an unexpected tensor, reported as such.)"""
+    found = set()
+    for file in weight_files(path):
+        try:
+            with open(file, "rb") as f:
+                header, _ = safetensors_header(f, file, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot be read ({e.strerror})") from e
+        found |= {int(m.group(1)) for k in header if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if found and max(found) >= cfg.num_hidden_layers and found == set(range(max(found) + 1)):
+        raise CheckpointError(f"{path / 'config.json'}: num_hidden_layers is {cfg.num_hidden_layers}, but the "
+                              f"weights hold layers 0..{max(found)} ({len(found)} layers)")
+
+
 def check_complete(path: Path, cfg: DreamConfig, tensors: dict, expected) -> None:
     """Every expected tensor is there (a tied lm_head may borrow the embeddings)."""
     if "lm_head.weight" not in tensors and cfg.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
@@ -189,10 +276,12 @@ def check_complete(path: Path, cfg: DreamConfig, tensors: dict, expected) -> Non
 
 def load_weights(path: Path, cfg: DreamConfig, device: torch.device, dtype: torch.dtype) -> Dream:
     expected = expected_shapes(cfg)
+    check_layers(path, cfg)
     tensors: dict[str, torch.Tensor] = {}
     for file, name, t in iter_tensors(path):
         check_tensor(file, name, t, expected)
-        tensors[name] = t.to(device=device, dtype=dtype)  # mmap'd: copies only for another device/dtype
+        tensors[name] = t.to(device=device, dtype=dtype)
+        check_finite(file, name, tensors[name])
     check_complete(path, cfg, tensors, expected)
     with torch.device("meta"):
         net = Dream(cfg)

@@ -70,7 +70,7 @@ class DreamConfig:
         """Problems that make this config unusable, in words (empty when fine)."""
         problems = []
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads"):
+                     "num_key_value_heads", "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 problems.append(f"{name} must be a positive integer, found {getattr(self, name)!r}")
         if not isinstance(self.num_hidden_layers, int) or self.num_hidden_layers < 0:
@@ -175,12 +175,22 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips its random init on the meta device, where the loader builds the
+    network before assigning the real weights: torch's normal_ on meta tensors imports
+    torch._dynamo, seconds that every daemon start (and respawn) would pay for nothing."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Backbone(nn.Module):
     """Named `model` inside Dream so that parameter names match the checkpoints."""
 
     def __init__(self, cfg: DreamConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -50,6 +50,7 @@ class ErrorCode(enum.IntEnum):
     METHOD_NOT_FOUND = 7
     UNAUTHORIZED = 8
     INVALID_FRAME = 9
+    TIMEOUT = 10  # a TCP client did not authenticate, or a frame did not arrive whole, in time
 
 
 class RPCError(Exception):
@@ -78,6 +79,12 @@ class RPCError(Exception):
 
 # --- parameters -------------------------------------------------------------------------------
 
+# The reference's effective top-k: Dream's diffusion_generate builds its generation config from
+# the model config, which under transformers 4.51.3 carries the legacy default top_k = 50. Top-k
+# never changes the argmax but renormalises the probabilities, hence the confidences and the
+# reveal order, in greedy decoding too. 0 means no top-k, as in transformers.
+DEFAULT_TOP_K = 50
+
 @dataclass
 class Sampling:
     """Sampler options shared by the task methods (see daemon/sampler.py)."""
@@ -87,7 +94,7 @@ class Sampling:
     alg: str = "entropy"
     temperature: float = 0.0
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = DEFAULT_TOP_K  # 0 or None: no top-k
     alg_temp: float | None = 0.0
     eps: float = 1e-3
     seed: int = 0

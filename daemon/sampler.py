@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .protocol import DEFAULT_TOP_K
 from .network import Dream
 
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -32,7 +33,7 @@ class SamplerConfig:
     alg: str = "entropy"
     temperature: float = 0.0
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = DEFAULT_TOP_K  # the reference's effective default; 0 or None: off
     alg_temp: float | None = 0.0
     eps: float = 1e-3
 
@@ -45,8 +46,9 @@ class SamplerConfig:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise InputError(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                                       or self.top_k < 0):
+            raise InputError(f"top_k must be an integer >= 0 (0: no top-k), got {self.top_k!r}")
         if self.alg_temp is not None and self.alg_temp < 0:
             raise InputError(f"alg_temp must be >= 0, got {self.alg_temp}")
         if not 0 < self.eps < 1:
@@ -98,7 +100,7 @@ def filtered_probs(logits: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
         logits = logits / cfg.temperature
     if cfg.top_p is not None and cfg.top_p < 1:
         logits = top_p_logits(logits, cfg.top_p)
-    if cfg.top_k is not None:
+    if cfg.top_k:  # 0 / None: off
         logits = top_k_logits(logits, cfg.top_k)
     return torch.softmax(logits, dim=-1)
 

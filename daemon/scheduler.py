@@ -61,7 +61,9 @@ class Scheduler:
     # --- asyncio side -----------------------------------------------------------------------
 
     def submit(self, method: str, params, on_progress=None) -> Job:
-        """Queue a job; raises RPCError(OVERLOADED) when the queue is full."""
+        """Queue a job; raises RPCError(OVERLOADED) when the queue is full, and INVALID_PARAMS or
+        TOO_LARGE for options or text out of bounds (checked here, before the job takes a place)."""
+        self._check(params)
         loop = asyncio.get_running_loop()
         job = Job(method, params, loop, loop.create_future(), on_progress)
         with self._wake:
@@ -78,6 +80,21 @@ class Scheduler:
             self.pending.append(job)
             self._wake.notify()
         return job
+
+    def _check(self, params) -> None:
+        try:
+            tasks = self.get_tasks()
+        except Exception:  # no model right now: the job reports it when it runs
+            return
+        if not hasattr(tasks, "check"):
+            return
+        texts = {k: getattr(params, k) for k in ("before", "after", "span") if hasattr(params, k)}
+        try:
+            tasks.check(params.sampling, getattr(params, "lengths", None), **texts)
+        except TooLarge as e:
+            raise RPCError(ErrorCode.TOO_LARGE, str(e)) from None
+        except DiffucodeError as e:
+            raise RPCError(ErrorCode.INVALID_PARAMS, str(e)) from None
 
     def queue_state(self) -> dict:
         with self._wake:
@@ -194,7 +211,9 @@ class Scheduler:
     def _settle(self, job: Job, outcome, watch: "_Watch", started: float) -> None:
         """Answer a job with its Answer, or the error its exception means."""
         if isinstance(outcome, Cancelled):
+            outcome.__traceback__ = None  # its frames hold the request's tensors: free them now
             self._cancelled(job)
+            release_memory()
             return
         if isinstance(outcome, BaseException):
             self.counters["failed"] += 1
@@ -205,6 +224,7 @@ class Scheduler:
             else:  # a failure inside the model must not kill the worker
                 log.error("%s failed", job.method, exc_info=outcome)
                 error = RPCError(ErrorCode.MODEL_ERROR, f"{type(outcome).__name__}: {outcome}")
+            outcome.__traceback__ = None
             self._finish(job, error=error)
             return
         ans = outcome
@@ -221,6 +241,24 @@ class Scheduler:
         self._finish(job, error=RPCError(ErrorCode.CANCELLED, f"cancelled after {job.steps_run} steps: "
                                                               f"{job.cancel_reason}",
                                          {"steps_run": job.steps_run}))
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the system (glibc keeps them otherwise, so a cancelled large
+    request would leave the daemon's RSS high until a later request reuses them)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class _Watch:

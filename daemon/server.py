@@ -36,9 +36,17 @@ class ServerLimits:
     max_frame_bytes: int = 8 * 1024 * 1024  # one message
     max_queue: int = 16  # pending task requests, all clients together
     max_connections: int = 64
+    auth_timeout_s: float = 5.0  # a TCP client must send `auth` within this time
+    frame_timeout_s: float = 10.0  # a frame, once begun, must arrive whole within this time
+    idle_evict_s: float = 30.0  # when the daemon is full, a connection idle this long gives way
 
 
 LINGER_S = 5.0  # after an error that closes a connection: how long to drain the client's bytes
+BACKLOG = 1024  # pending connects the kernel queues: past the limit a client is told OVERLOADED
+# Decoding limits: no message of the protocol needs more, and a frame of 2 M tiny elements would
+# otherwise cost seconds of the event loop that every client shares.
+MAX_ARRAY_LEN = 1024
+MAX_MAP_LEN = 64
 
 
 class Connection:
@@ -49,6 +57,20 @@ class Connection:
         self.authenticated = not needs_auth
         self.jobs: dict[int, object] = {}  # request id -> scheduler Job
         self.name = f"client-{id(self) & 0xffff:04x}"
+        self.opened = self.last_active = time.monotonic()
+        self.task: asyncio.Task | None = None
+        self.evicted = False
+
+    def idle_for(self, now: float) -> float:
+        """Seconds since the last whole frame, or 0 while a request is in flight."""
+        return 0.0 if self.jobs else now - self.last_active
+
+    def evict(self, why: str) -> None:
+        """Tell an idle client why it is closed, then close it (its serve task ends)."""
+        self.evicted = True
+        self.reply(None, RPCError(ErrorCode.OVERLOADED, why))
+        if self.task is not None:
+            self.task.cancel()
 
     def send(self, message) -> None:
         if not self.writer.is_closing():
@@ -63,7 +85,7 @@ class Connection:
         gave_up = False
         try:
             gave_up = await self._answer_frames()
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
             for job in self.jobs.values():
@@ -76,29 +98,51 @@ class Connection:
     async def _answer_frames(self) -> bool:
         """Read and answer frames; False when the client closed, True after an error reply that
         ends the connection."""
-        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=self.server.limits.max_frame_bytes,
-                                    strict_map_key=False)
+        limits = self.server.limits
+        size = limits.max_frame_bytes
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=size, strict_map_key=False,
+                                    max_str_len=size, max_bin_len=size, max_ext_len=size,
+                                    max_array_len=MAX_ARRAY_LEN, max_map_len=MAX_MAP_LEN)
+        fed = 0  # bytes fed; unpacker.tell() of them are whole frames already read
+        frame_started = None  # when the first byte of a frame not yet whole arrived
         while True:
-            data = await self.reader.read(65536)
+            deadline, why = None, ""
+            if not self.authenticated:
+                deadline, why = self.opened + limits.auth_timeout_s, (
+                    f"no `auth` within {limits.auth_timeout_s:g} s; closing")
+            if frame_started is not None and (deadline is None or frame_started + limits.frame_timeout_s < deadline):
+                deadline, why = frame_started + limits.frame_timeout_s, (
+                    f"a frame begun {limits.frame_timeout_s:g} s ago is still incomplete; closing")
+            try:
+                if deadline is None:
+                    data = await self.reader.read(65536)
+                else:
+                    data = await asyncio.wait_for(self.reader.read(65536), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                self.reply(None, RPCError(ErrorCode.TIMEOUT, why))
+                return True
             if not data:
                 return False
             try:
                 unpacker.feed(data)
             except msgpack.BufferFull:
-                self.reply(None, RPCError(ErrorCode.TOO_LARGE, f"frame exceeds the limit of "
-                                          f"{self.server.limits.max_frame_bytes} bytes; closing"))
+                self.reply(None, RPCError(ErrorCode.TOO_LARGE, f"frame exceeds the limit of {size} bytes; closing"))
                 return True
+            fed += len(data)
             while True:
                 try:
                     message = next(unpacker)
                 except StopIteration:
                     break
-                except Exception as e:  # FormatError, StackError, unhashable map keys, ...
+                except Exception as e:  # FormatError, StackError, a size limit, unhashable map keys, ...
                     # the byte stream is no longer trustworthy: answer, then close this connection
-                    self.reply(None, RPCError(ErrorCode.INVALID_FRAME, f"undecodable msgpack ({e}); closing"))
+                    reason = str(e) or type(e).__name__
+                    self.reply(None, RPCError(ErrorCode.INVALID_FRAME, f"undecodable msgpack ({reason}); closing"))
                     return True
+                self.last_active = time.monotonic()
                 if not await self.handle(message):
                     return True
+            frame_started = None if unpacker.tell() == fed else (frame_started or time.monotonic())
             await self.writer.drain()
 
     async def handle(self, message) -> bool:
@@ -238,28 +282,52 @@ class DaemonServer:
     async def start(self) -> None:
         if self.address.is_tcp:
             self._token = write_token(self.address.token_file)
-            self._server = await asyncio.start_server(self._accept, self.address.host, self.address.port)
+            self._server = await asyncio.start_server(self._accept, self.address.host, self.address.port,
+                                                      backlog=BACKLOG)
             log.info("listening on %s (token in %s)", self.address, self.address.token_file)
         else:
             path = self.address.socket
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             old = os.umask(0o177)  # the socket is created 0600: no window where others can connect
             try:
-                self._server = await asyncio.start_unix_server(self._accept, path=str(path))
+                self._server = await asyncio.start_unix_server(self._accept, path=str(path), backlog=BACKLOG)
             finally:
                 os.umask(old)
             os.chmod(path, 0o600)
             log.info("listening on %s", path)
 
+    def _refusal(self) -> str | None:
+        """Why a new connection cannot be taken now (after making room if an idle one can give way)."""
+        limit = self.limits.max_connections
+        if self.address.is_tcp:  # at most half the places wait for a token: the oldest gives way
+            waiting = [c for c in self.connections if not c.authenticated and not c.evicted]
+            if len(waiting) >= max(1, limit // 2):
+                oldest = min(waiting, key=lambda c: c.opened)
+                log.info("%s: closed unauthenticated to make room", oldest.name)
+                oldest.evict(f"closing this connection, not authenticated after {time.monotonic() - oldest.opened:.1f} "
+                             f"s: {len(waiting)} connections wait for `auth`, the limit of {max(1, limit // 2)} (half "
+                             f"of {limit} places, so that clients with the token always get in)")
+        live = [c for c in self.connections if not c.evicted]
+        if len(live) < limit:
+            return None
+        now = time.monotonic()
+        idlest = max(live, key=lambda c: c.idle_for(now))
+        if idlest.idle_for(now) >= self.limits.idle_evict_s:
+            log.info("%s: closed after %.0f s idle to make room", idlest.name, idlest.idle_for(now))
+            idlest.evict(f"closing this connection, idle for {idlest.idle_for(now):.0f} s, to make room: the daemon "
+                         f"has {limit} connections, its limit; reconnect when needed")
+            return None
+        return f"{len(live)} connections is the limit of {limit}; try again later"
+
     async def _accept(self, reader, writer) -> None:
-        if len(self.connections) >= self.limits.max_connections:
+        refusal = self._refusal()
+        if refusal:
             conn = Connection(self, reader, writer, needs_auth=False)
-            conn.reply(None, RPCError(ErrorCode.OVERLOADED, f"{len(self.connections)} connections is the "
-                                                            f"limit of {self.limits.max_connections}; "
-                                                            f"try again later"))
+            conn.reply(None, RPCError(ErrorCode.OVERLOADED, refusal))
             await close_after_error(reader, writer)
             return
         conn = Connection(self, reader, writer, needs_auth=self.address.is_tcp)
+        conn.task = asyncio.current_task()
         self.connections.add(conn)
         try:
             await conn.serve()

@@ -12,13 +12,14 @@ import fcntl
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import msgpack
 
-from .address import Address
+from .address import EXIT_ADDRESS_TAKEN, Address
 from .errors import DiffucodeError
 from .protocol import REQUEST
 
@@ -86,22 +87,72 @@ def take_address(address: Address, replace: bool):
     return lock
 
 
+def seconds_since_exec() -> float:
+    """How long this process has existed (from /proc; 0.0 where that is not readable)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+STANDBY_FLAG = "--as-standby"  # (hidden) the process a `--standby` daemon keeps ready
+
+
+def wait_for_address(address: Address):
+    """A standby's wait: block until the daemon's lock is free. A daemon that shuts down stops its
+    standby first, so getting the lock means the daemon ended without shutting down (kill -9,
+    a crash, the OOM killer): take over."""
+    path = lock_path(address)
+    f = open(path, "a+")
+    log.info("standby for %s: Python and torch loaded; waiting", address)
+    fcntl.flock(f, fcntl.LOCK_EX)
+    log.warning("the daemon at %s ended without shutting down: this standby takes over", address)
+    if not address.is_tcp and address.socket.exists():
+        address.socket.unlink()  # the dead daemon's socket
+    return f
+
+
+def start_standby() -> subprocess.Popen | None:
+    """A copy of this command, waiting with its imports done to take over if this daemon dies (it
+    shares our process group and log; respawn then costs a model load, not an interpreter and torch)."""
+    args = [a for a in sys.argv[1:] if a != STANDBY_FLAG]
+    try:
+        return subprocess.Popen([sys.executable, "-m", "diffucode", *args, STANDBY_FLAG], stdin=subprocess.DEVNULL)
+    except OSError as e:
+        log.warning("no standby: %s", e)
+        return None
+
+
+def stop_standby(standby: subprocess.Popen | None) -> None:
+    """Before the lock is let go: a daemon that shuts down must not be taken over."""
+    if standby is not None and standby.poll() is None:
+        standby.terminate()
+        try:
+            standby.wait(10)
+        except subprocess.TimeoutExpired:
+            standby.kill()
+            standby.wait()
+
+
 def serve(args, address: Address) -> int:
-    from .model_state import ModelState
+    at_entry = seconds_since_exec()  # the interpreter and diffucode's light modules
+    from .model_state import ModelState  # torch, here
     from .server import DaemonServer, ServerLimits
     from .tasks import Limits
 
     level = (args.log_level or os.environ.get("DIFFUCODE_LOG") or "INFO").upper()
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    lock = take_address(address, args.replace)
+    lock = wait_for_address(address) if args.as_standby else take_address(address, args.replace)
     if lock is None:
-        return 1
-    started = time.monotonic()
+        return EXIT_ADDRESS_TAKEN
+    at_imports, started = seconds_since_exec(), time.monotonic()  # (a standby: when it took over)
     from diffucode.models import default_model
 
     state = ModelState(args.model or str(default_model()), args.device, args.dtype, args.prompt_format,
-                       Limits(max_canvas_tokens=args.max_canvas_tokens, max_context_tokens=args.max_context_tokens),
+                       Limits(max_canvas_tokens=args.max_canvas_tokens, max_context_tokens=args.max_context_tokens,
+                              max_text_chars=args.max_text_chars),
                        quantize=args.quantize, decoding=args.decoding, cuda_graphs=args.cuda_graphs,
                        prefix_cache=args.prefix_cache)
     log.info("loaded %s on %s (%s, quantization %s, %s decoding by default) in %.2f s", state.path, state.device,
@@ -110,18 +161,32 @@ def serve(args, address: Address) -> int:
         state.watch()
     server = DaemonServer(state, address, ServerLimits(max_frame_bytes=args.max_frame_bytes,
                                                        max_queue=args.max_queue,
-                                                       max_connections=args.max_connections))
+                                                       max_connections=args.max_connections,
+                                                       auth_timeout_s=args.auth_timeout,
+                                                       frame_timeout_s=args.frame_timeout,
+                                                       idle_evict_s=args.idle_evict))
+
+    standby = None
 
     async def main():
+        nonlocal standby
         await server.start()
+        if args.as_standby:
+            log.info("serving %.2f s after taking over (the model)", time.monotonic() - started)
+        else:
+            log.info("serving %.2f s after the process started (Python and diffucode %.2f s, torch %.2f s, the "
+                     "model %.2f s)", seconds_since_exec(), at_entry, at_imports - at_entry, time.monotonic() - started)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.request_shutdown)
+        if args.standby:
+            standby = start_standby()
         await server.run_until_stopped()
 
     try:
         asyncio.run(main())
     finally:
+        stop_standby(standby)
         state.stop()
         lock.close()
     return 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from .address import Address
+from .address import EXIT_ADDRESS_TAKEN, Address
 from .errors import DaemonUnavailable
 
 log = logging.getLogger("diffucode.client")
@@ -108,12 +108,16 @@ class Spawner:
 
     async def _wait_accepting(self, pid: int, process: subprocess.Popen | None, log_offset: int | None,
                               deadline: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        other = False  # ours found the address taken: another daemon (a standby taking over) is starting
         while True:
             try:
                 return await self._open()
             except OSError:
                 pass
-            exited = process.poll() is not None if process is not None else not is_daemon(pid)
+            exited = not other and (process.poll() is not None if process is not None else not is_daemon(pid))
+            if exited and process is not None and process.returncode == EXIT_ADDRESS_TAKEN:
+                log.info("another daemon holds %s: waiting for it to accept connections", self.address)
+                other, exited = True, False
             if exited:
                 status = f" with status {process.returncode}" if process is not None else ""
                 raise DaemonUnavailable(f"the daemon (pid {pid}) exited{status} before accepting connections at "

@@ -73,6 +73,80 @@ class Limits:
     max_canvas_tokens: int = 1024  # masks in one request
     max_context_tokens: int = 4096  # code before + after sent to the model; the rest is cut
     prefix_share: float = 0.75  # of the context budget, for the code before the cursor
+    max_text_chars: int = 1_000_000  # characters of before, after or span one request may send
+    max_lengths: int = 8  # canvas sizes one infill may try
+
+
+# Text beyond this many characters per token of budget is cut before tokenizing, so a huge file
+# costs no more than its budget (code averages 3-4 characters per token; long runs of spaces
+# more). The cut lands on a multiple of CUT_GRID characters (keeping up to CUT_GRID more), so it
+# stays put while text is typed; the token budget then cuts exactly.
+CHARS_PER_TOKEN = 16
+CUT_GRID = 4096
+MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 1e-3  # a positive temperature below this divides logits into infinities
+
+
+def _finite(name: str, value) -> None:
+    if value is not None and not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_options(opts: Options, limits: Limits, lengths: list[int] | None = None) -> None:
+    """Every sampling option within the range the sampler can honour, before any work: each error
+    names the option, the value and the limit (InputError; TooLarge for sizes over a limit)."""
+    for name in ("temperature", "top_p", "alg_temp", "eps", "threshold"):
+        _finite(name, getattr(opts, name))
+    for name in ("temperature", "alg_temp"):
+        v = getattr(opts, name) or 0.0
+        if v and not MIN_TEMPERATURE <= v <= MAX_TEMPERATURE:
+            raise InputError(f"{name} must be 0 or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}], got {v!r}")
+    if opts.threshold is not None and not opts.threshold > 0:
+        raise InputError(f"threshold must be > 0 (above 1: one token per step), got {opts.threshold!r}")
+    n = opts.max_new_tokens
+    if n < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {n}")
+    if n > limits.max_canvas_tokens:
+        raise TooLarge(f"max_new_tokens: a canvas of {n} tokens exceeds the limit of {limits.max_canvas_tokens}")
+    if opts.steps is not None and not 1 <= opts.steps <= n:
+        raise InputError(f"steps must be in [1, max_new_tokens = {n}] (a step reveals at least one token), "
+                         f"got {opts.steps}")
+    if not 0 <= opts.seed < 2**64:
+        raise InputError(f"seed must be in [0, 2**64), got {opts.seed}")
+    if not 1 <= opts.block_size <= limits.max_canvas_tokens:
+        raise InputError(f"block_size must be in [1, {limits.max_canvas_tokens}], got {opts.block_size}")
+    if opts.top_k is not None and opts.top_k < 0:
+        raise InputError(f"top_k must be >= 0 (0: no top-k), got {opts.top_k}")
+    if lengths is not None:
+        if not lengths:
+            raise InputError("lengths is empty: give at least one canvas size, or none")
+        if len(lengths) > limits.max_lengths:
+            raise TooLarge(f"lengths has {len(lengths)} canvas sizes, over the limit of {limits.max_lengths}")
+        for k in lengths:
+            if k < 1:
+                raise InputError(f"lengths holds {k}; each canvas size must be >= 1")
+            if k > limits.max_canvas_tokens:
+                raise TooLarge(f"lengths: a canvas of {k} tokens exceeds the limit of {limits.max_canvas_tokens}")
+
+
+def check_text(limits: Limits, **texts: str) -> None:
+    for name, text in texts.items():
+        if len(text) > limits.max_text_chars:
+            raise TooLarge(f"{name} has {len(text):,} characters, over the limit of {limits.max_text_chars:,}")
+
+
+def _cut_before(text: str, tokens: int | None) -> str:
+    """The end of text that can hold `tokens` tokens, cut on the CUT_GRID (see CHARS_PER_TOKEN)."""
+    if tokens is None:
+        return text
+    keep = tokens * CHARS_PER_TOKEN
+    if len(text) <= keep:
+        return text
+    return text[(len(text) - keep) // CUT_GRID * CUT_GRID:]
+
+
+def _cut_after(text: str, tokens: int | None) -> str:
+    return text if tokens is None else text[:tokens * CHARS_PER_TOKEN]
 
 
 @dataclass
@@ -130,7 +204,9 @@ class Tasks:
         for side, n in zip(("before_tokens", "after_tokens"), budget):
             if n is not None and n < 0:
                 raise InputError(f"{side} must be >= 0, got {n}")
-        b, a = self.tok.encode(before), self.tok.encode(after)
+        total = max(0, min(self.limits.max_context_tokens, self.ckpt.config.max_position_embeddings - reserve))
+        cap = [total if n is None else min(n, total) for n in budget]
+        b, a = self.tok.encode(_cut_before(before, cap[0])), self.tok.encode(_cut_after(after, cap[1]))
         if budget[0] is not None:
             b = _keep_last(b, budget[0], stride)
         if budget[1] is not None:
@@ -241,6 +317,12 @@ class Tasks:
 
     # --- tasks ---------------------------------------------------------------------------
 
+    def check(self, opts: Options, lengths: list[int] | None = None, **texts: str) -> None:
+        """Options and text sizes within the limits (raises InputError / TooLarge); cheap, no
+        tokenizing: the daemon calls it before queueing a request, every task again on entry."""
+        check_options(opts, self.limits, lengths)
+        check_text(self.limits, **texts)
+
     def complete(self, before: str, opts: Options = Options(),
                  callback: Callable[[Step], str | None] | None = None, budget=(None, None),
                  group: str | None = None) -> Answer:
@@ -257,6 +339,7 @@ class Tasks:
         result kept, by mean log-probability per kept token (the first end token counts as one:
         the decision to stop); the mean, not the sum, so longer canvases are not penalised.
         """
+        self.check(opts, lengths, before=before, after=after)
         sizes = sorted(set(lengths)) if lengths else [opts.max_new_tokens]
         best, candidates = None, []
         stride = fast_config(opts).context_chunk if self.uses_prefix_cache(opts) else 1
@@ -318,7 +401,8 @@ class Tasks:
         """Rewrite `span` in place: score its tokens, re-mask the least confident `fraction`,
         denoise them again. End tokens revealed inside the span delete that position. Only the
         span changes; confidence is per token of the new span."""
-        if not 0 < fraction <= 1:
+        self.check(opts, before=before, span=span, after=after)
+        if not (math.isfinite(fraction) and 0 < fraction <= 1):
             raise InputError(f"fraction must be in (0, 1], got {fraction}")
         s = self.tok.encode(span)
         if not s:

@@ -21,6 +21,8 @@ import re
 import sys
 from pathlib import Path
 
+from diffucode.daemon.protocol import DEFAULT_TOP_K
+
 DAEMON_DECODING = "fast"  # editor requests: fast decoding held the quality guard (README, `diffucode bench`)
 
 
@@ -31,6 +33,26 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    if not 0 < value <= 86400:  # (NaN fails this too)
+        raise argparse.ArgumentTypeError(f"{value:g} seconds is outside (0, 86400]")
     return value
 
 
@@ -61,7 +83,10 @@ def _sampler_options(p: argparse.ArgumentParser, default_alg: str, tokens_help: 
                         f"(lowest entropy first; recommended for DiffuCoder). Default {default_alg}")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     g.add_argument("--top-p", type=float, default=None, help="nucleus filtering, in (0, 1]")
-    g.add_argument("--top-k", type=_positive_int, default=None, help="keep the k most probable tokens")
+    g.add_argument("--top-k", type=_non_negative_int, default=DEFAULT_TOP_K,
+                   help=f"keep the k most probable tokens (default {DEFAULT_TOP_K}, the reference's effective "
+                        f"default: it renormalises confidences, so it changes the reveal order in greedy decoding "
+                        f"too); 0: no top-k")
     g.add_argument("--alg-temp", type=float, default=0.0,
                    help="> 0 samples which positions to reveal from softmax(confidence / alg_temp)")
     g.add_argument("--eps", type=float, default=1e-3, help="final time of the reveal schedule (default 1e-3)")
@@ -168,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most masks in one request (1024)")
     p.add_argument("--max-context-tokens", type=_positive_int, default=4096,
                    help="code before + after sent to the model; the rest is cut (4096)")
+    p.add_argument("--max-text-chars", type=_positive_int, default=1_000_000,
+                   help="characters of code one request may send per side; more is TOO_LARGE (1,000,000)")
+    p.add_argument("--auth-timeout", type=_positive_seconds, default=5.0, metavar="S",
+                   help="--tcp: seconds a client has to send its token (5)")
+    p.add_argument("--frame-timeout", type=_positive_seconds, default=10.0, metavar="S",
+                   help="seconds a message, once begun, has to arrive whole (10)")
+    p.add_argument("--idle-evict", type=_positive_seconds, default=30.0, metavar="S",
+                   help="when every connection place is taken, one idle this long is closed to make room (30)")
     p.add_argument("--decoding", default=DAEMON_DECODING, choices=["exact", "fast"],
                    help=f"decoding for requests that do not choose (default {DAEMON_DECODING}; see `diffucode infill --help`)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -176,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast decoding: keep each document's far context (code well before the cursor, encoded "
                         "chunk by chunk) and reuse it for the document's next request")
     p.add_argument("--no-watch", action="store_true", help="do not reload when the model's files change")
+    p.add_argument("--standby", action="store_true",
+                   help="keep a second process ready (Python and torch loaded, no model) that takes over within "
+                        "a second if this daemon dies without shutting down; the language server asks for it")
+    p.add_argument("--as-standby", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING; or env DIFFUCODE_LOG")
     p.set_defaults(run=cmd_serve)
 

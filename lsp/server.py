@@ -81,7 +81,8 @@ class DiffucodeServer(LanguageServer):
             asyncio.ensure_future(old.close())
         spawn = None
         if self.settings.daemon_spawn:
-            args = ["--model", self.settings.model] if self.settings.model else []
+            args = ["--standby"]  # a daemon killed or crashed is serving again within a second
+            args += ["--model", self.settings.model] if self.settings.model else []
             spawn = SpawnOptions(args=args, log_file=runtime_dir() / "daemon.log")
         self.daemon = ReconnectingClient(self.daemon_address(), spawn=spawn, connect_timeout=120.0)
         self.start_connecting()
@@ -152,7 +153,7 @@ class DiffucodeServer(LanguageServer):
 
     def sampling(self, max_new_tokens: int | None = None, temperature: float | None = None, seed: int = 0):
         s = self.settings
-        return Sampling(max_new_tokens=max_new_tokens or s.max_new_tokens, steps=s.steps,
+        return Sampling(max_new_tokens=max_new_tokens or s.max_new_tokens, steps=s.steps, top_k=s.top_k,
                         temperature=s.temperature if temperature is None else temperature, seed=seed)
 
     async def call(self, method: str, params) -> dict:
@@ -232,20 +233,38 @@ def position_at(text: str, offset: int) -> lsp.Position:
 from . import handlers  # noqa: E402,F401  (registers the features on `server`)
 
 
+TRACE = 5  # --log-level trace: also every JSON-RPC message in full, completion text included
+
+
+def configure_logging(level: str, log_file: str | None = None) -> None:
+    """Our loggers at `level`; pygls's message logs (which hold document and completion text,
+    "Sending data: ..." at INFO) stay at WARNING unless the level is trace."""
+    import sys
+
+    logging.addLevelName(TRACE, "TRACE")
+    name = level.upper()
+    value = TRACE if name == "TRACE" else logging.getLevelName(name)
+    if not isinstance(value, int):
+        raise SystemExit(f"diffucode lsp: --log-level {level!r} is unknown (use trace, debug, info, warning, error)")
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    logging.basicConfig(level=value, handlers=[handler], format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    logging.getLogger("pygls").setLevel(logging.DEBUG if value <= TRACE else max(value, logging.WARNING))
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
-    import sys
 
     parser = argparse.ArgumentParser(prog="diffucode lsp", description="The diffucode language server, "
                                      "over stdio (the default) or TCP for debugging. Logs go to stderr.")
     parser.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio (debugging)")
-    parser.add_argument("--log-level", default=os.environ.get("DIFFUCODE_LOG", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get("DIFFUCODE_LOG", "INFO"),
+                        help="trace (every message in full, completion text included), debug, info (default), "
+                             "warning, error")
     parser.add_argument("--log-file", default=None, help="log to this file instead of stderr")
     args = parser.parse_args(argv)
-    handler = logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler(sys.stderr)
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler],
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_file)
     if args.tcp:
         host, port = args.tcp.rsplit(":", 1)
         server.start_tcp(host, int(port))

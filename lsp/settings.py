@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from ..daemon.protocol import DEFAULT_TOP_K
+
 # setting key (as the editor spells it) -> attribute
 KEYS = {
     "model": "model",
@@ -17,6 +19,7 @@ KEYS = {
     "maxNewTokens": "max_new_tokens",
     "steps": "steps",
     "temperature": "temperature",
+    "topK": "top_k",
     "debounce.minMs": "debounce_min_ms",
     "debounce.maxMs": "debounce_max_ms",
     "context.beforeTokens": "before_tokens",
@@ -34,6 +37,7 @@ class Settings:
     max_new_tokens: int = 32
     steps: int | None = None
     temperature: float = 0.0
+    top_k: int = DEFAULT_TOP_K  # 0: no top-k
     debounce_min_ms: float = 50.0
     debounce_max_ms: float = 600.0
     before_tokens: int = 1536
@@ -68,17 +72,19 @@ def parse(raw: dict | None) -> tuple[Settings, list[str]]:
         attr = KEYS.get(key)
         if attr is None or value is None and attr != "steps":
             continue
-        want = types[attr]
+        want = "count" if attr == "top_k" else types[attr]
         ok = {
             "str": isinstance(value, str),
             "bool": isinstance(value, bool),
             "int": isinstance(value, int) and not isinstance(value, bool) and value > 0,
             "int | None": value is None or isinstance(value, int) and not isinstance(value, bool) and value > 0,
             "float": isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+            "count": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
             "dict": isinstance(value, dict),
         }[want]
         if not ok:
-            problems.append(f"setting diffucode.{key} = {value!r} is not a valid {want.replace('int', 'positive int')}")
+            expected = "non-negative int" if want == "count" else want.replace("int", "positive int")
+            problems.append(f"setting diffucode.{key} = {value!r} is not a valid {expected}")
             continue
         setattr(settings, attr, float(value) if want == "float" else value)
     if settings.debounce_min_ms > settings.debounce_max_ms:

@@ -15,17 +15,18 @@ near one layer plus one output shard; a 15 GB checkpoint is never held, let alon
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffucode.daemon.checkpoint import (check_complete, check_tensor, expected_shapes, iter_tensors,
-                                         read_config, resolve_device, resolve_path, weight_files)
+from diffucode.daemon.checkpoint import (check_complete, check_finite, check_tensor, expected_shapes,
+                                         iter_tensors, read_config, resolve_device, resolve_path,
+                                         safetensors_header, weight_files)
 from diffucode.daemon.errors import CheckpointError, QuantizationError
 from diffucode.daemon.network import Dream, DreamConfig
 
@@ -140,6 +141,7 @@ def write_prequantized(model: str | Path, out: str | Path, qcfg: QuantConfig, de
     try:
         for file, name, t in iter_tensors(source):
             check_tensor(file, name, t, expected)
+            check_finite(file, name, t)
             nbytes = t.numel() * t.element_size()
             key = str(t.dtype).removeprefix("torch.")
             source_by_dtype[key] = source_by_dtype.get(key, 0) + nbytes
@@ -177,10 +179,11 @@ def stored_config(path: Path, cfg: DreamConfig) -> QuantConfig:
     qcfg = QuantConfig.from_dict(cfg.extra["quantization_config"], f"{path / 'config.json'}: quantization_config")
     for file in weight_files(path):
         try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-        except Exception as e:
-            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from e
+            with open(file, "rb") as f:
+                header, _ = safetensors_header(f, file, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot be read ({e.strerror})") from e
+        meta = header.get("__metadata__") or {}
         if meta.get(SCHEME_KEY) != qcfg.scheme:
             found = meta.get(SCHEME_KEY) or "no quantization metadata"
             raise QuantizationError(f"{file.name}: holds {found}, but config.json's quantization_config "
@@ -205,6 +208,7 @@ def load_prequantized(path: Path, cfg: DreamConfig, device: torch.device, dtype:
         module = next((m for m in _prefixes(name) if m in targets and name[len(m) + 1:] in specs[m]), None)
         if module is None:
             check_tensor(file, name, t, expected)
+            check_finite(file, name, t)
             rest[name] = t
             continue
         suffix = name[len(module) + 1:]

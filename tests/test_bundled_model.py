@@ -66,13 +66,20 @@ def test_infill_without_model_uses_the_bundled_one(tmp_path, args):
 
 def test_quality_script_scores_each_decoding_next_to_the_baselines():
     script = MODEL.parents[2] / "benchmarks" / "quality.py"
-    proc = subprocess.run([sys.executable, str(script), "--samples", "3", "--decoding", "exact,fast"],
-                          capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), "--set", "stdlib", "--samples", "3", "--multi-samples", "2",
+                           "--decoding", "exact,fast"], capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()
     report = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    assert set(report["rows"]) == {"model, exact", "model, fast", "baseline: empty line", "baseline: line above"}
-    assert report["timing"]["exact"]["forward_passes_per_line"] == 24.0  # one pass per mask
-    assert report["rows"]["baseline: empty line"]["token_accuracy"] == 0.0
+    model = MODEL.name
+    for kind, n in (("single", 3), ("multi", 2)):
+        part = report["kinds"][kind]
+        assert part["samples"] == n
+        assert set(part["rows"]) == {f"{model}, exact", f"{model}, fast", "baseline: empty", "baseline: pass",
+                                     "baseline: line above"}
+        assert set(part["rows"]["baseline: empty"]) == {"exact_match", "edit_similarity", "parses", "token_accuracy"}
+        assert part["rows"]["baseline: empty"]["token_accuracy"] == 0.0
+        exact = part["timing"][f"{model}, exact"]
+        assert exact["passes_per_case"] == part["canvas"]  # exact decoding: one pass per mask
     bad = subprocess.run([sys.executable, str(script), "--samples", "1", "--decoding", "greedy"],
                          capture_output=True, timeout=300)
     assert bad.returncode != 0 and b"'greedy' is unknown" in bad.stderr

@@ -49,6 +49,7 @@ class Editor:
         self.client = LanguageClient("test-editor", "1")
         self.status_events: list[dict] = []
         self.version = 1
+        self.args = ["--log-level", "DEBUG"]
 
         @self.client.feature(lsp.WORKSPACE_CONFIGURATION)
         def configuration(params):
@@ -59,7 +60,7 @@ class Editor:
             self.status_events.append(params)
 
     async def start(self, text: str = SOURCE):
-        await self.client.start_io(sys.executable, "-m", "diffucode", "lsp", "--log-level", "DEBUG")
+        await self.client.start_io(sys.executable, "-m", "diffucode", "lsp", *self.args)
         self.init_result = await self.client.initialize_async(lsp.InitializeParams(
             capabilities=lsp.ClientCapabilities(workspace=lsp.WorkspaceClientCapabilities(configuration=True)),
             initialization_options={"settings": self.settings}))

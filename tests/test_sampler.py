@@ -102,6 +102,18 @@ def reference_sample(model, input_ids, max_length, mask_token_id, steps, eps=1e-
     return x, histories
 
 
+# The reference's effective settings: diffusion_generate's generation config, built from the model
+# config under transformers 4.51.3, carries the legacy default top_k = 50 for a call that sets none
+# (shared/reference/dream.md). Every oracle call below that sets no top_k runs with it.
+EFFECTIVE_TOP_K = 50
+
+
+def reference_generate(model, input_ids, max_length, mask_token_id, steps, top_k=None, **kw):
+    """reference_sample with the generation config's effective defaults filled in."""
+    return reference_sample(model, input_ids, max_length, mask_token_id, steps,
+                            top_k=EFFECTIVE_TOP_K if top_k is None else top_k, **kw)
+
+
 # ---- identity with the reference ---------------------------------------------------------------
 
 PROMPT = torch.tensor([[5, 17, 99, 42, 7, 250, 31]])
@@ -112,7 +124,7 @@ PROMPT = torch.tensor([[5, 17, 99, 42, 7, 250, 31]])
 def test_greedy_is_token_identical_to_the_reference(tiny_ckpt, alg, n, steps):
     net, mask = tiny_ckpt.network, tiny_ckpt.mask_id
     torch.manual_seed(123)  # origin draws which positions to reveal from the global RNG
-    ref_x, ref_hist = reference_sample(net, PROMPT, PROMPT.shape[1] + n, mask, steps, alg=alg)
+    ref_x, ref_hist = reference_generate(net, PROMPT, PROMPT.shape[1] + n, mask, steps, alg=alg)
     ours = generate(net, PROMPT, n, mask, SamplerConfig(steps=steps, alg=alg),
                     generator=torch.Generator().manual_seed(123), keep_history=True)
     assert ours.x.tolist() == ref_x.tolist()
@@ -138,9 +150,23 @@ def test_seeded_sampling_follows_the_reference_rng(tiny_ckpt, alg, alg_temp):
 def test_batches_of_equal_prompts_match_the_reference(tiny_ckpt):
     net, mask = tiny_ckpt.network, tiny_ckpt.mask_id
     prompts = torch.tensor([[5, 17, 99, 42], [8, 9, 10, 11]])
-    ref_x, _ = reference_sample(net, prompts, 14, mask, 10, alg="entropy")
+    ref_x, _ = reference_generate(net, prompts, 14, mask, 10, alg="entropy")
     ours = generate(net, prompts, 10, mask, SamplerConfig(steps=10, alg="entropy"))
     assert ours.x.tolist() == ref_x.tolist()
+
+
+@pytest.mark.parametrize("alg", ["maskgit_plus", "topk_margin", "entropy"])
+def test_top_k_zero_is_no_top_k_and_the_default_changes_the_order(tiny_ckpt, alg):
+    """top_k=0 is the reference without top-k; the default (50) renormalises the confidences, so
+    greedy decoding reveals in another order than without it: the difference the default fixes."""
+    net, mask = tiny_ckpt.network, tiny_ckpt.mask_id
+    ref_x, ref_hist = reference_sample(net, PROMPT, PROMPT.shape[1] + 16, mask, 16, alg=alg, top_k=None)
+    off = generate(net, PROMPT, 16, mask, SamplerConfig(steps=16, alg=alg, top_k=0), keep_history=True)
+    assert [h.tolist() for h in off.history] == [h.tolist() for h in ref_hist]
+    default = generate(net, PROMPT, 16, mask, SamplerConfig(steps=16, alg=alg), keep_history=True)
+    assert SamplerConfig(steps=1).top_k == EFFECTIVE_TOP_K
+    if alg == "entropy":  # (a probability or margin rescaled per row may keep its rank on this tiny model)
+        assert [h.tolist() for h in default.history] != [h.tolist() for h in off.history]
 
 
 # ---- hand-checkable cases ------------------------------------------------------------------------
@@ -256,7 +282,7 @@ def test_callback_finish_fills_the_rest_in_one_step(tiny_ckpt):
 
 
 @pytest.mark.parametrize("bad,word", [(dict(steps=0), "steps"), (dict(steps=2, alg="nope"), "alg"),
-                                      (dict(steps=2, top_p=1.5), "top_p"), (dict(steps=2, top_k=0), "top_k"),
+                                      (dict(steps=2, top_p=1.5), "top_p"), (dict(steps=2, top_k=-1), "top_k"),
                                       (dict(steps=2, temperature=-1), "temperature"),
                                       (dict(steps=2, eps=0), "eps")])
 def test_bad_sampler_options_are_named(tiny_ckpt, bad, word):
