@@ -478,7 +478,7 @@ def cmd_pull(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lsp"]:  # the language server parses its own options (and stays torch-free)
-        from diffucode.lsp.server import main as lsp_main
+        from diffucode.lsp.handlers import main as lsp_main
 
         return lsp_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -2,14 +2,15 @@
 
 Snippets come from files the current one imports, recently edited documents and other open
 documents, in that order. A workspace index (kept fresh with watchdog) finds imported files on
-disk; it skips ignored folders, binary and very large files. The daemon cuts the result to a
-token-exact budget (before_tokens / after_tokens), nearest the cursor first, so snippets sit at
-the far end of the text before the cursor: they are the first to go when space runs out.
+disk; it skips what git ignores (every .gitignore, read by pathspec as git reads it: `!`, `**`,
+anchored and folder-only patterns, nested files relative to their folder), well-known tool
+folders, binary and very large files. The daemon cuts the result to a token-exact budget
+(before_tokens / after_tokens), nearest the cursor first, so snippets sit at the far end of the
+text before the cursor: they are the first to go when space runs out.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import re
@@ -17,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from pathspec import GitIgnoreSpec
 
 log = logging.getLogger("diffucode.lsp.context")
 
@@ -50,46 +53,69 @@ class WorkspaceIndex:
     def __init__(self, roots: list[Path]):
         self.roots = [r.resolve() for r in roots if r.is_dir()]
         self.files: set[Path] = set()
-        self.ignore: list[str] = []
+        self.gitignores: dict[Path, GitIgnoreSpec] = {}  # folder -> the rules of its .gitignore
         self._lock = threading.Lock()
         self._observer = None
         for root in self.roots:
-            self._read_gitignore(root)
             self._scan(root)
 
-    def _read_gitignore(self, root: Path) -> None:
+    def _read_gitignore(self, folder: Path) -> None:
         try:
-            lines = (root / ".gitignore").read_text(errors="replace").splitlines()
+            lines = (folder / ".gitignore").read_text(errors="replace").splitlines()
         except OSError:
+            self.gitignores.pop(folder, None)
             return
-        self.ignore += [l.strip().rstrip("/") for l in lines if l.strip() and not l.startswith(("#", "!"))]
+        self.gitignores[folder] = GitIgnoreSpec.from_lines(lines)
 
-    def ignored(self, path: Path) -> bool:
-        parts = path.parts
-        if any(p in SKIP_DIRS for p in parts):
-            return True
-        for pattern in self.ignore:
-            pattern = pattern.lstrip("/")
-            if any(fnmatch.fnmatch(p, pattern) for p in parts) or fnmatch.fnmatch(str(path), f"*/{pattern}"):
-                return True
+    def _matched(self, path: Path, is_dir: bool) -> bool:
+        """What the .gitignore files say about `path` itself: the nearest one with a rule for it
+        decides (within a file the last matching rule wins, so `!` re-includes)."""
+        for folder in path.parents:
+            spec = self.gitignores.get(folder)
+            if spec is not None:
+                rel = path.relative_to(folder).as_posix() + ("/" if is_dir else "")
+                verdict = spec.check_file(rel).include
+                if verdict is not None:
+                    return verdict
+            if folder in self.roots:
+                break
         return False
 
-    def accept(self, path: Path) -> bool:
-        try:
-            return (path.is_file() and not self.ignored(path) and path.stat().st_size <= MAX_FILE_BYTES
-                    and not is_binary(path))
-        except OSError:
+    def ignored(self, path: Path, is_dir: bool = False) -> bool:
+        """Whether git would ignore `path`: a tool folder, a match, or inside an ignored folder
+        (as in git, no rule re-includes a file whose folder is ignored)."""
+        root = next((r for r in self.roots if path.is_relative_to(r)), None)
+        rel = path.relative_to(root) if root is not None else path
+        if any(p in SKIP_DIRS for p in rel.parts):
+            return True
+        if root is None:
             return False
+        folders = [root.joinpath(*rel.parts[:i]) for i in range(1, len(rel.parts))]
+        return any(self._matched(f, True) for f in folders) or self._matched(path, is_dir)
 
-    def _scan(self, root: Path) -> None:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not self.ignored(Path(dirpath) / d)]
+    def accept(self, path: Path) -> bool:
+        return not self.ignored(path) and self._text_file(path)
+
+    def _scan(self, top: Path) -> None:
+        """Index the files under `top` (not itself ignored); ignored folders are not entered,
+        so their files need no check of their own."""
+        for dirpath, dirnames, filenames in os.walk(top):
+            folder = Path(dirpath)
+            self._read_gitignore(folder)
+            dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not self._matched(folder / d, True)]
             for name in filenames:
                 if len(self.files) >= MAX_FILES:
                     return
-                path = Path(dirpath) / name
-                if self.accept(path):
+                path = folder / name
+                if not self._matched(path, False) and self._text_file(path):
                     self.files.add(path)
+
+    @staticmethod
+    def _text_file(path: Path) -> bool:
+        try:
+            return path.is_file() and path.stat().st_size <= MAX_FILE_BYTES and not is_binary(path)
+        except OSError:
+            return False
 
     def watch(self) -> None:
         from watchdog.events import FileSystemEventHandler
@@ -114,6 +140,11 @@ class WorkspaceIndex:
 
     def refresh(self, path: Path) -> None:
         with self._lock:
+            if path.name == ".gitignore":  # new rules: drop what they ignore, add what they let in
+                self._read_gitignore(path.parent)
+                self.files = {f for f in self.files if not self.ignored(f)}
+                if not self.ignored(path.parent, True):
+                    self._scan(path.parent)
             if self.accept(path):
                 self.files.add(path)
             else:

@@ -1,8 +1,13 @@
 """The language server's features: what each LSP request and notification does.
 
+This module owns the one server instance: it creates it, registers each feature on it, and
+`main` (the `diffucode lsp` entry point) serves it. lsp/server.py holds the class and helpers
+and imports nothing from here, so the two never import each other.
+
 Completion flow: enabled? -> cache (type-through) -> debounce (cancellable) -> context ->
 daemon `infill` (group = the document, so a newer request cancels the older one in the daemon)
--> post-processing -> items. A daemon that is down gives an empty answer at once.
+-> post-processing -> items. A daemon that is down gives an empty answer at once. Positions
+are converted by the document in the encoding negotiated at initialize (server.offset_at).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import time
 
 from lsprotocol import types as lsp
+from pygls.exceptions import JsonRpcException
 
 from diffucode.daemon.address import runtime_dir
 from diffucode.daemon.client import DaemonUnavailable
@@ -23,9 +29,17 @@ from diffucode.daemon.protocol import (LSP_DID_ACCEPT, LSP_DID_REJECT, LSP_DID_S
 from .context import WorkspaceIndex, uri_to_path
 from .functions import enclosing_function
 from .postprocess import postprocess
-from .server import ALTERNATIVE_TEMPERATURES, DiffucodeServer, offset_at, position_at, server
+from .server import CHARS_PER_TOKEN, DiffucodeServer, client_columns, offset_at, serve
 
 log = logging.getLogger("diffucode.lsp")
+ALTERNATIVE_TEMPERATURES = (0.4, 0.8)  # an Invoked trigger adds these to the greedy item
+
+server = DiffucodeServer()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`diffucode lsp`: serve this module's instance, with every feature below registered."""
+    return serve(server, argv)
 
 
 def as_dict(obj):
@@ -35,10 +49,6 @@ def as_dict(obj):
     if isinstance(obj, (list, tuple)):
         return [as_dict(v) for v in obj]
     return obj
-
-
-def lsp_range(r: dict) -> lsp.Range:
-    return lsp.Range(start=lsp.Position(**r["start"]), end=lsp.Position(**r["end"]))
 
 
 # --- lifecycle and settings ------------------------------------------------------------------
@@ -110,7 +120,7 @@ async def inline_completion(ls: DiffucodeServer, params: lsp.InlineCompletionPar
     if not ls.active(doc.language_id or ""):
         return empty
     text = doc.source
-    offset = offset_at(text, params.position)
+    offset = offset_at(doc, params.position)
     invoked = params.context.trigger_kind == lsp.InlineCompletionTriggerKind.Invoked
     raw_before, raw_after = text[:offset], text[offset:]
 
@@ -132,11 +142,11 @@ async def inline_completion(ls: DiffucodeServer, params: lsp.InlineCompletionPar
                                before_tokens=ls.settings.before_tokens, after_tokens=ls.settings.after_tokens,
                                sampling=ls.sampling(budget, temperature, seed=i))
         try:
-            result = await ls.call("infill", params_)
+            result = await ls.infill(params_)
         except (DaemonUnavailable, RPCError, asyncio.TimeoutError) as e:
             log.info("inline completion: %s", e)
             break
-        text_ = postprocess(result["text"], raw_before, raw_after)
+        text_ = postprocess(result.text, raw_before, raw_after)
         if text_ is not None and text_ not in found:
             found.append(text_)
     if found:
@@ -160,16 +170,16 @@ async def fill_selection(ls: DiffucodeServer, params) -> dict:
     p = as_dict(params)
     doc = ls.workspace.get_text_document(p["textDocument"]["uri"])
     version, text = doc.version, doc.source
-    start = offset_at(text, lsp.Position(**p["range"]["start"]))
-    end = offset_at(text, lsp.Position(**p["range"]["end"]))
+    start = offset_at(doc, lsp.Position(**p["range"]["start"]))
+    end = offset_at(doc, lsp.Position(**p["range"]["end"]))
     selected = text[start:end]
     # a canvas about the selection's size (about 3 characters a token, a margin for longer code)
     canvas = max(8, min(256, round(len(selected) / 3 * 1.25)))
     before, after = ls.request_context(doc.uri, text, start, end, doc.language_id or "")
-    result = await ls.call("infill", InfillParams(
+    result = await ls.infill(InfillParams(
         before=before, after=after, group=f"{doc.uri}#fill", before_tokens=ls.settings.before_tokens,
         after_tokens=ls.settings.after_tokens, sampling=ls.sampling(canvas)))
-    return {"edits": [{"range": p["range"], "text": result["text"]}], "version": version}
+    return {"edits": [{"range": p["range"], "text": result.text}], "version": version}
 
 
 @server.feature(LSP_REFINE_FUNCTION)
@@ -183,15 +193,15 @@ async def refine_function(ls: DiffucodeServer, params) -> dict:
     lines = text.split("\n")
     start = sum(len(l) + 1 for l in lines[:span[0]])
     end = start + len("\n".join(lines[span[0]:span[1] + 1]))
-    result = await ls.call("refine", RefineParams(
-        before=text[max(0, start - ls.settings.before_tokens * 4):start], span=text[start:end],
-        after=text[end:end + ls.settings.after_tokens * 4], group=f"{doc.uri}#refine",
+    result = await ls.refine(RefineParams(
+        before=text[max(0, start - ls.settings.before_tokens * CHARS_PER_TOKEN):start], span=text[start:end],
+        after=text[end:end + ls.settings.after_tokens * CHARS_PER_TOKEN], group=f"{doc.uri}#refine",
         before_tokens=ls.settings.before_tokens, after_tokens=ls.settings.after_tokens,
         sampling=ls.sampling()))
     rng = {"start": {"line": span[0], "character": 0},
-           "end": {"line": span[1], "character": position_at(text, end).character}}
-    return {"edits": [{"range": rng, "text": result["text"]}], "version": version, "range": rng,
-            "lines": line_confidence(result["tokens"], result["confidence"], span[0])}
+           "end": {"line": span[1], "character": client_columns(doc, lines[span[1]])}}
+    return {"edits": [{"range": rng, "text": result.text}], "version": version, "range": rng,
+            "lines": line_confidence(result.tokens, result.confidence, span[0])}
 
 
 def line_confidence(tokens: list[str], confidence: list[float], first_line: int) -> list[dict]:
@@ -208,8 +218,11 @@ def line_confidence(tokens: list[str], confidence: list[float], first_line: int)
     return [{"line": first_line + i, "confidence": round(c, 4)} for i, c in enumerate(per_line)]
 
 
-class RPCErrorForEditor(Exception):
-    """An error the editor shows as it is (pygls turns it into a JSON-RPC error reply)."""
+class RPCErrorForEditor(JsonRpcException):
+    """An error the editor shows as it is: pygls replies with this code and message (any other
+    exception becomes an InternalError whose message holds the traceback)."""
+
+    CODE = lsp.LSPErrorCodes.RequestFailed.value
 
 
 # --- status, toggles, feedback ---------------------------------------------------------------

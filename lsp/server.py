@@ -5,6 +5,10 @@ type-through, post-processing; the custom requests fillSelection and refineFunct
 settings. Handlers that wait on the daemon are `async def`, so `$/cancelRequest` cancels them at
 their current await and the daemon client then cancels the daemon's work too. It never imports
 torch, and never prints to stdout (stdio is the protocol): logs go to stderr.
+
+This module holds the server's class and helpers; lsp/handlers.py creates the one instance,
+registers the features on it and is the `diffucode lsp` entry point. The dependency runs one
+way (handlers -> server), so each module can be read, and imported, on its own.
 """
 
 from __future__ import annotations
@@ -16,28 +20,28 @@ from pathlib import Path
 
 from lsprotocol import types as lsp
 from pygls.lsp.server import LanguageServer
+from pygls.workspace import TextDocument
 
 from diffucode import __version__
 from diffucode.daemon.address import Address, default_address, runtime_dir, tcp_address
 from diffucode.daemon.client import DaemonUnavailable, ReconnectingClient, SpawnOptions
-from diffucode.daemon.protocol import (LSP_DID_ACCEPT, LSP_DID_REJECT, LSP_DID_SHOW, LSP_FILL_SELECTION,
-                                       LSP_REFINE_FUNCTION, LSP_SNOOZE, LSP_STATUS, LSP_STATUS_CHANGED,
-                                       LSP_TOGGLE, InfillParams, RefineParams, RPCError, Sampling)
+from diffucode.daemon.protocol import (LSP_STATUS_CHANGED, InfillParams, RefineParams, RPCError, Sampling,
+                                       TaskResult)
 
 from .cache import CompletionCache
-from .context import ContextBuilder, WorkspaceIndex, uri_to_path
+from .context import ContextBuilder
 from .debounce import Debouncer
-from .functions import enclosing_function
-from .postprocess import postprocess
 from .settings import Settings, parse
 
 log = logging.getLogger("diffucode.lsp")
 CHARS_PER_TOKEN = 4  # generous: the daemon cuts to the exact token budget
 START_STRIDE = 256  # characters: the text before the cursor starts on this grid (stable_start)
-ALTERNATIVE_TEMPERATURES = (0.4, 0.8)  # an Invoked trigger adds these to the greedy item
 
 
 class DiffucodeServer(LanguageServer):
+    """What the features share: settings, the daemon connection, cache, debounce, context and
+    the status shown to the editor."""
+
     def __init__(self):
         super().__init__("diffucode", __version__)
         self.settings = Settings()
@@ -156,15 +160,23 @@ class DiffucodeServer(LanguageServer):
         return Sampling(max_new_tokens=max_new_tokens or s.max_new_tokens, steps=s.steps, top_k=s.top_k,
                         temperature=s.temperature if temperature is None else temperature, seed=seed)
 
-    async def call(self, method: str, params) -> dict:
-        """One daemon request; raises DaemonUnavailable (never waits for a daemon that is down)."""
+    async def infill(self, params: InfillParams) -> TaskResult:
+        return await self._ask(lambda daemon, timeout: daemon.infill(params, timeout=timeout))
+
+    async def refine(self, params: RefineParams) -> TaskResult:
+        return await self._ask(lambda daemon, timeout: daemon.refine(params, timeout=timeout))
+
+    async def _ask(self, send) -> TaskResult:
+        """One task request through the daemon client's typed methods; raises DaemonUnavailable
+        at once when the daemon is not connected (never waits for one that is down), and keeps
+        the status (busy, last latency, error) and the debounce's latency up to date."""
         if not self.connected():
             raise DaemonUnavailable(self.status()["message"])
         self.in_flight += 1
         self.publish_status()
         started = time.monotonic()
         try:
-            result = await self.daemon.request(method, params, timeout=self.settings.request_timeout_ms / 1000)
+            result = await send(self.daemon, self.settings.request_timeout_ms / 1000)
             self.error = None
             return result
         except RPCError as e:
@@ -193,9 +205,6 @@ class DiffucodeServer(LanguageServer):
         return self.enabled and self.snoozed_until <= time.time() and self.settings.language_enabled(language_id)
 
 
-server = DiffucodeServer()
-
-
 def stable_start(text: str, offset: int, chars: int) -> int:
     """Where the text sent before the cursor starts: at most `chars` before it, rounded up to a
     multiple of START_STRIDE and then to the next line start. The start thus stays put while
@@ -209,28 +218,18 @@ def stable_start(text: str, offset: int, chars: int) -> int:
     return line + 1 if line >= 0 else start
 
 
-def offset_at(text: str, position: lsp.Position) -> int:
-    """Character offset of an LSP position (UTF-16 columns)."""
-    lines = text.split("\n")
-    line = min(position.line, len(lines) - 1)
-    start = sum(len(l) + 1 for l in lines[:line])
-    units, col = 0, 0
-    for ch in lines[line]:
-        if units >= position.character:
-            break
-        units += 2 if ord(ch) > 0xFFFF else 1
-        col += 1
-    return start + col
+def offset_at(doc: TextDocument, position: lsp.Position) -> int:
+    """The offset in `doc.source` (code points) of a client position, whose columns count in the
+    position encoding negotiated at initialize (UTF-16 unless the client offered UTF-8 or
+    UTF-32); pygls's document does the conversion. It gets a copy because it clamps a column
+    past the line's end in place, and the request's position is echoed back in the answer."""
+    copy = lsp.Position(line=position.line, character=position.character)
+    return min(doc.offset_at_position(copy), len(doc.source))  # past the last line: the end
 
 
-def position_at(text: str, offset: int) -> lsp.Position:
-    head = text[:offset]
-    line = head.count("\n")
-    col = head[head.rfind("\n") + 1:]
-    return lsp.Position(line=line, character=sum(2 if ord(c) > 0xFFFF else 1 for c in col))
-
-
-from . import handlers  # noqa: E402,F401  (registers the features on `server`)
+def client_columns(doc: TextDocument, text: str) -> int:
+    """How many columns `text` (no line break) spans for the client, in the negotiated encoding."""
+    return doc.position_codec.client_num_units(text)
 
 
 TRACE = 5  # --log-level trace: also every JSON-RPC message in full, completion text included
@@ -252,7 +251,9 @@ def configure_logging(level: str, log_file: str | None = None) -> None:
     logging.getLogger("pygls").setLevel(logging.DEBUG if value <= TRACE else max(value, logging.WARNING))
 
 
-def main(argv: list[str] | None = None) -> int:
+def serve(server: DiffucodeServer, argv: list[str] | None = None) -> int:
+    """`diffucode lsp [options]`: serve `server` (lsp/handlers.py's instance, its features
+    registered) until the editor exits."""
     import argparse
     import os
 

@@ -2,7 +2,9 @@
 
 Read from initializationOptions.settings, from workspace/configuration, and again on
 workspace/didChangeConfiguration. Unknown keys are ignored; a bad value is reported (logged and
-shown in status) and its default kept, so one typo never disables completion.
+shown in status) and its default kept, so one typo never disables completion. The minimums
+are extension/package.json's, so what its settings UI allows is accepted here (a count must still
+be a whole number).
 """
 
 from __future__ import annotations
@@ -62,31 +64,52 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# What each numeric setting accepts: (kind, minimum), the minimums being extension/package.json's
+# (tests/test_lsp_parts.py holds the two together). "int?": an int or null (null, the default: the
+# daemon decides).
+NUMBERS = {
+    "max_new_tokens": ("int", 1),
+    "steps": ("int?", 1),
+    "temperature": ("number", 0),
+    "top_k": ("int", 0),  # 0: no top-k
+    "debounce_min_ms": ("number", 0),
+    "debounce_max_ms": ("number", 0),
+    "before_tokens": ("int", 0),  # 0: no text before the cursor (only snippets)
+    "after_tokens": ("int", 0),  # 0: no text after the cursor
+    "request_timeout_ms": ("number", 1),
+}
+KINDS = {"int": "an integer", "int?": "an integer or null", "number": "a number"}
+OTHER_KINDS = {"str": (str, "a string"), "bool": (bool, "a boolean"), "dict": (dict, "an object")}
+
+
+def expected(attr: str, value) -> str | None:
+    """None when `value` suits the setting, else what it should have been ("an integer >= 1")."""
+    if attr not in NUMBERS:
+        kind, words = OTHER_KINDS[{f.name: f.type for f in fields(Settings)}[attr]]
+        return None if isinstance(value, kind) else words
+    kind, minimum = NUMBERS[attr]
+    if value is None and kind == "int?":
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and (kind == "number" or isinstance(value, int)) and value >= minimum
+    return None if ok else f"{KINDS[kind]} >= {minimum}"
+
+
 def parse(raw: dict | None) -> tuple[Settings, list[str]]:
     """Settings from a configuration object (defaults for what it omits), and the problems
     found, each naming the key, the value and what was expected."""
     settings = Settings()
     problems = []
-    types = {f.name: f.type for f in fields(Settings)}
     for key, value in flatten(raw or {}).items():
         attr = KEYS.get(key)
         if attr is None or value is None and attr != "steps":
             continue
-        want = "count" if attr == "top_k" else types[attr]
-        ok = {
-            "str": isinstance(value, str),
-            "bool": isinstance(value, bool),
-            "int": isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            "int | None": value is None or isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
-            "count": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
-            "dict": isinstance(value, dict),
-        }[want]
-        if not ok:
-            expected = "non-negative int" if want == "count" else want.replace("int", "positive int")
-            problems.append(f"setting diffucode.{key} = {value!r} is not a valid {expected}")
+        wanted = expected(attr, value)
+        if wanted is not None:
+            problems.append(f"setting diffucode.{key} = {value!r} is not {wanted}")
             continue
-        setattr(settings, attr, float(value) if want == "float" else value)
+        is_float = attr in NUMBERS and NUMBERS[attr][0] == "number"
+        setattr(settings, attr, float(value) if is_float else value)
     if settings.debounce_min_ms > settings.debounce_max_ms:
         problems.append(f"setting diffucode.debounce.minMs = {settings.debounce_min_ms} exceeds "
                         f"debounce.maxMs = {settings.debounce_max_ms}; using maxMs for both")

@@ -284,13 +284,18 @@ def test_tcp_needs_the_token(model_dir, tmp_path):
         assert stat.S_IMODE(d.token_file.stat().st_mode) == 0o600
         assert d.connect().call("status")["protocol"] == 1
         host, port = d.tcp.rsplit(":", 1)
-        for first in ([0, 1, "auth", {"token": "0" * 64}], [0, 1, "status", {}], [2, "cancel", {"id": 1}]):
+        # a request first (a wrong token, or no `auth`) is answered UNAUTHORIZED, then closed
+        for first in ([0, 1, "auth", {"token": "0" * 64}], [0, 1, "status", {}]):
             bad = Conn(socket.create_connection((host, int(port)), timeout=10))
             bad.send(first)
             msg = bad.read()
-            if msg is not None:
-                assert msg[0] == 1 and msg[2]["name"] == "UNAUTHORIZED"
-                assert bad.read() is None  # and the connection is closed
+            assert msg is not None, f"no answer to {first}"
+            assert msg[0] == 1 and msg[2]["name"] == "UNAUTHORIZED"
+            assert bad.read() is None  # and the connection is closed
+        # a notification first has no id to answer: the connection is closed at once
+        bad = Conn(socket.create_connection((host, int(port)), timeout=10))
+        bad.send([2, "cancel", {"id": 1}])
+        assert bad.read() is None
         # a client that sends on before reading still gets the answer (no reset drops it)
         eager = Conn(socket.create_connection((host, int(port)), timeout=10))
         eager.send([0, 1, "status", {}])
@@ -302,8 +307,10 @@ def test_tcp_needs_the_token(model_dir, tmp_path):
         assert out.returncode == 0, out.stderr
     finally:
         d.stop()
-    with pytest.raises(Exception, match="loopback"):
-        from diffucode.daemon.address import tcp_address
+    from diffucode.daemon.address import tcp_address
+    from diffucode.daemon.errors import InputError
+
+    with pytest.raises(InputError, match="loopback"):
         tcp_address("0.0.0.0:7777")
 
 

@@ -1,12 +1,28 @@
 """The language server's parts on their own: settings, cache, debounce, functions, context."""
 
+import dataclasses
+import json
 import time
+from pathlib import Path
+
+from lsprotocol import types as lsp
+from pygls.workspace import TextDocument
+from pygls.workspace.position_codec import PositionCodec
 
 from diffucode.lsp.cache import CompletionCache
 from diffucode.lsp.context import ContextBuilder, WorkspaceIndex, imported_paths
 from diffucode.lsp.debounce import Debouncer
 from diffucode.lsp.functions import enclosing_function
-from diffucode.lsp.settings import Settings, parse
+from diffucode.lsp.server import client_columns, offset_at
+from diffucode.lsp.settings import KEYS, Settings, parse
+
+PACKAGE_JSON = Path(__file__).resolve().parent.parent / "extension" / "package.json"
+
+
+def extension_settings() -> dict:
+    """The "diffucode.*" settings the VS Code extension declares, by key without the prefix."""
+    properties = json.loads(PACKAGE_JSON.read_text())["contributes"]["configuration"]["properties"]
+    return {k.removeprefix("diffucode."): v for k, v in properties.items()}
 
 
 def test_settings_parse_nested_and_dotted_with_problems_named():
@@ -16,9 +32,26 @@ def test_settings_parse_nested_and_dotted_with_problems_named():
     assert s.daemon_socket == "/tmp/x.sock" and s.daemon_spawn is False and s.max_new_tokens == 64
     assert s.debounce_min_ms == 10.0 and s.temperature == Settings().temperature
     assert s.language_enabled("python") and not s.language_enabled("rust")
-    assert problems == ["setting diffucode.temperature = -1 is not a valid float"]
+    assert problems == ["setting diffucode.temperature = -1 is not a number >= 0"]
     s, problems = parse({"debounce": {"minMs": 900, "maxMs": 100}})
     assert s.debounce_min_ms == 100 and "exceeds debounce.maxMs" in problems[0]
+    s, problems = parse({"context": {"afterTokens": 0}, "steps": None, "maxNewTokens": 2.5, "model": 3})
+    assert s.after_tokens == 0 and s.steps is None and s.max_new_tokens == Settings().max_new_tokens
+    assert problems == ["setting diffucode.maxNewTokens = 2.5 is not an integer >= 1",
+                        "setting diffucode.model = 3 is not a string"]
+
+
+def test_settings_defaults_and_minimums_are_the_extensions():
+    declared = extension_settings()
+    defaults = Settings()
+    for key, attr in KEYS.items():
+        assert declared[key]["default"] == getattr(defaults, attr), key
+        if "minimum" in declared[key]:  # the least value the settings UI allows is accepted, one less is not
+            least = declared[key]["minimum"]
+            s, problems = parse({key: least})
+            assert getattr(s, attr) == least and not [p for p in problems if f".{key} =" in p], key
+            assert parse({key: least - 1})[1], key
+    assert {f.name for f in dataclasses.fields(Settings)} == set(KEYS.values())
 
 
 def test_cache_exact_hit_type_through_and_lru():
@@ -61,6 +94,45 @@ def test_enclosing_function_python_and_braces():
     js = "const a = 1;\nfunction add(a, b) {\n  if (a) {\n    return a + b;\n  }\n}\n"
     assert enclosing_function(js, 3, "javascript") == (1, 5)
     assert enclosing_function(js, 0, "javascript") is None
+
+
+def test_positions_in_the_negotiated_encoding():
+    text = "x = 'é😀' + y\nnext\n"  # é: 2 UTF-8 bytes, 1 UTF-16 unit; 😀: 4 bytes, 2 units
+    cursor = text.index(" + y")
+    columns = {"utf-8": 12, "utf-16": 9, "utf-32": 8}
+    for encoding, column in columns.items():
+        doc = TextDocument("file:///x.py", text, position_codec=PositionCodec(encoding))
+        assert offset_at(doc, lsp.Position(line=0, character=column)) == cursor, encoding
+        assert client_columns(doc, text[:cursor]) == column, encoding
+        assert offset_at(doc, lsp.Position(line=5, character=0)) == len(text)  # past the end: the end
+
+
+def test_workspace_index_reads_gitignore_as_git_does(tmp_path):
+    files = {
+        ".gitignore": "*.log\n!keep.log\n**/generated/\n/top_only.py\nout/\n!out/keep.py\n",
+        "a.log": "", "keep.log": "", "top_only.py": "", "src/top_only.py": "", "out/keep.py": "",
+        "src/generated/x.py": "", "src/deep/generated/y.py": "",
+        "src/.gitignore": "local.py\n!special.log\n/anchored.py\n",
+        "src/local.py": "", "local.py": "", "src/special.log": "", "src/anchored.py": "",
+        "src/deep/anchored.py": "", "src/deep/main.py": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text or "x = 1\n")
+    index = WorkspaceIndex([tmp_path])
+    names = {p.relative_to(tmp_path).as_posix() for p in index.files}
+    assert names == {".gitignore", "keep.log", "src/top_only.py", "src/.gitignore", "local.py",
+                     "src/special.log", "src/deep/anchored.py", "src/deep/main.py"}
+    # what watchdog reports is judged the same way: a file in an ignored folder stays out
+    for name in ("out/keep.py", "src/generated/x.py", "src/local.py"):
+        index.refresh(tmp_path / name)
+        assert tmp_path / name not in index, name
+    # a new nested .gitignore takes effect: its folder's files are judged again
+    (tmp_path / "src" / "deep" / ".gitignore").write_text("main.py\n!generated/\n")
+    index.refresh(tmp_path / "src" / "deep" / ".gitignore")
+    assert tmp_path / "src" / "deep" / "main.py" not in index
+    assert tmp_path / "src" / "deep" / "generated" / "y.py" in index  # the nearer rule wins
+    assert tmp_path / "src" / "deep" / "anchored.py" in index
 
 
 def test_workspace_index_imports_and_freshness(tmp_path):
