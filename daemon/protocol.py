@@ -31,6 +31,7 @@ values ("canvas of 9000 tokens exceeds the limit of 1024").
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import enum
 import types
 import typing
@@ -192,6 +193,18 @@ METHODS: dict[str, type | None] = {
 TASK_METHODS = ("complete", "infill", "refine")
 
 
+def short(value) -> str:
+    """A bounded repr of a client's value for error messages: a frame may hold megabytes, and a
+    plain repr of a list nested a thousand deep raises RecursionError."""
+    return _repr.repr(value)
+
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 40
+_repr.maxlist = _repr.maxdict = 4
+_repr.maxlevel = 2
+
+
 def _check(value, tp, where: str):
     """Validate one value against a type annotation; returns the (converted) value."""
     origin = typing.get_origin(tp)
@@ -211,7 +224,7 @@ def _check(value, tp, where: str):
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise RPCError(ErrorCode.INVALID_PARAMS, f"{where} must be a list, got {value!r}")
+            raise RPCError(ErrorCode.INVALID_PARAMS, f"{where} must be a list, got {short(value)}")
         return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return from_wire(tp, value, where)
@@ -220,8 +233,7 @@ def _check(value, tp, where: str):
     if tp is dict and isinstance(value, dict):
         return value
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
-        raise RPCError(ErrorCode.INVALID_PARAMS, f"{where} must be {tp.__name__}, got {shown}")
+        raise RPCError(ErrorCode.INVALID_PARAMS, f"{where} must be {tp.__name__}, got {short(value)}")
     return value
 
 

@@ -88,6 +88,8 @@ class Scheduler:
             return
         if not hasattr(tasks, "check"):
             return
+        if params.deadline_ms is not None and params.deadline_ms < 0:
+            raise RPCError(ErrorCode.INVALID_PARAMS, f"deadline_ms must be >= 0, got {params.deadline_ms}")
         texts = {k: getattr(params, k) for k in ("before", "after", "span") if hasattr(params, k)}
         try:
             tasks.check(params.sampling, getattr(params, "lengths", None), **texts)

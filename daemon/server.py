@@ -13,7 +13,6 @@ import asyncio
 import hmac
 import logging
 import os
-import reprlib
 import resource
 import socket
 import time
@@ -25,7 +24,7 @@ import msgpack
 from .address import Address, write_token
 from .errors import InputError
 from .protocol import (METHODS, NOTIFICATION, PROTOCOL_VERSION, REQUEST, RESPONSE, TASK_METHODS,
-                       CancelParams, ErrorCode, RPCError, Status, from_wire, to_wire)
+                       CancelParams, ErrorCode, RPCError, Status, from_wire, short, to_wire)
 from .scheduler import Scheduler
 
 log = logging.getLogger("diffucode.server")
@@ -129,6 +128,7 @@ class Connection:
                 self.reply(None, RPCError(ErrorCode.TOO_LARGE, f"frame exceeds the limit of {size} bytes; closing"))
                 return True
             fed += len(data)
+            completed = False
             while True:
                 try:
                     message = next(unpacker)
@@ -139,10 +139,15 @@ class Connection:
                     reason = str(e) or type(e).__name__
                     self.reply(None, RPCError(ErrorCode.INVALID_FRAME, f"undecodable msgpack ({reason}); closing"))
                     return True
-                self.last_active = time.monotonic()
+                self.last_active, completed = time.monotonic(), True
                 if not await self.handle(message):
                     return True
-            frame_started = None if unpacker.tell() == fed else (frame_started or time.monotonic())
+            # Only a whole message ends a frame's clock (tell() also moves through the items of a
+            # message still arriving, so it cannot say alone that nothing is pending).
+            if completed:
+                frame_started = None if unpacker.tell() == fed else time.monotonic()
+            elif frame_started is None:
+                frame_started = time.monotonic()
             await self.writer.drain()
 
     async def handle(self, message) -> bool:
@@ -250,17 +255,6 @@ async def close_after_error(reader: asyncio.StreamReader, writer: asyncio.Stream
         pass
     finally:
         writer.close()
-
-
-def short(value) -> str:
-    """A bounded repr for error messages (a frame may hold megabytes)."""
-    return _repr.repr(value)
-
-
-_repr = reprlib.Repr()
-_repr.maxstring = _repr.maxother = 40
-_repr.maxlist = _repr.maxdict = 4
-_repr.maxlevel = 2
 
 
 class DaemonServer:

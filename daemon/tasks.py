@@ -133,6 +133,10 @@ def check_text(limits: Limits, **texts: str) -> None:
     for name, text in texts.items():
         if len(text) > limits.max_text_chars:
             raise TooLarge(f"{name} has {len(text):,} characters, over the limit of {limits.max_text_chars:,}")
+    span = texts.get("span")  # becomes the canvas: refused before tokenizing (which holds the GIL)
+    if span is not None and len(span) > limits.max_canvas_tokens * CHARS_PER_TOKEN:
+        raise TooLarge(f"span has {len(span):,} characters, more than a canvas of {limits.max_canvas_tokens} tokens "
+                       f"holds ({CHARS_PER_TOKEN} characters per token at most)")
 
 
 def _cut_before(text: str, tokens: int | None) -> str:

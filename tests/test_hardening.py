@@ -86,6 +86,26 @@ def test_sizes_are_bounded_before_any_work(daemon):
     assert conn.call("status")["counters"]["failed"] == 0  # refused before queueing: nothing failed in the model
 
 
+def test_refine_span_and_deadline_are_bounded(daemon):
+    conn = daemon.connect()
+    err, _ = conn.reply(conn.request("refine", {"before": "", "span": "x = 1\n" * 4000, "after": ""}))
+    assert err["name"] == "TOO_LARGE" and "span has 24,000 characters, more than a canvas of 1024" in err["message"]
+    err = error_of(conn, deadline_ms=-5)
+    assert err["name"] == "INVALID_PARAMS" and "deadline_ms must be >= 0, got -5" in err["message"]
+
+
+def test_deeply_nested_params_get_an_error_not_a_traceback(daemon):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(daemon.socket))
+    # [0, 1, "infill", {"before": [[[...1000 deep...]]]}]: decodes, but its plain repr recurses too deep
+    s.sendall(b"\x94\x00\x01" + msgpack.packb("infill") + b"\x81" + msgpack.packb("before") + b"\x91" * 1000 + b"\xc0")
+    msg = msgpack.unpackb(s.recv(65536), raw=False)
+    assert msg[2]["name"] == "INVALID_PARAMS" and "params.before must be str" in msg[2]["message"], msg
+    s.close()
+    assert "Traceback" not in daemon.log_text()
+
+
 def test_a_cancelled_request_frees_its_tensors_at_once(tasks):
     """The canvas of a cancelled request is gone when its answer (CANCELLED) arrives, without the
     garbage collector: nothing keeps its frames alive."""
@@ -179,6 +199,29 @@ def test_a_burst_of_connects_is_queued_not_refused(daemon):
         for s in socks:
             s.close()
     assert admitted(daemon).call("status")["uptime_s"] > 0
+
+
+def test_a_frame_dripped_a_byte_at_a_time_is_timed_out(daemon):
+    """Slowloris with small items: the decoder moves through them as they come, so only a whole
+    message may reset the frame's clock."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(0.2)
+    s.connect(str(daemon.socket))
+    frame, t0, reply = msgpack.packb([0, 1, "status", [1] * 1000]), time.monotonic(), b""
+    for byte in frame[:60]:
+        try:
+            s.send(bytes([byte]))
+            reply = s.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if reply:
+            break
+    msg = msgpack.unpackb(reply, raw=False)
+    assert msg[2]["name"] == "TIMEOUT" and "still incomplete" in msg[2]["message"], msg
+    assert time.monotonic() - t0 < 8  # --frame-timeout 1, not the 12 s the drip lasts
+    s.close()
 
 
 def test_idle_connections_give_way_when_the_daemon_is_full(daemon):
