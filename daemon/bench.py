@@ -87,7 +87,7 @@ def run(args) -> int:
         f"function {gen} after {prompt}": [_generate_case(ids, prompt, gen, r, mask_id, device)
                                            for r in range(args.requests + 1)],
     }
-    print(f"diffucode bench: {label}; {_hardware(device)}; dtype {str(dtype).removeprefix('torch.')}; "
+    print(f"diffucode bench: {label}; {hardware(device)}; dtype {str(dtype).removeprefix('torch.')}; "
           f"torch {torch.__version__}; batch 1; fast: threshold {args.threshold}, block {args.block_size}, "
           f"CUDA graphs {'on' if graphs else 'off'}")
     for note in notes:
@@ -111,7 +111,7 @@ def run(args) -> int:
         a, b = steps.values()
         print(f"cached step cost 4k / 1k: {b / a:.2f}x")
     quality = _quality_guard(args, tok) if args.quality_samples and tok is not None else None
-    print(json.dumps({"benchmark": "decoding", "model": label, "hardware": _hardware(device), "device": str(device),
+    print(json.dumps({"benchmark": "decoding", "model": label, "hardware": hardware(device), "device": str(device),
                       "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
                       "threshold": args.threshold, "block_size": args.block_size, "cuda_graphs": graphs,
                       "tokens_per_step_budget": tps, "notes": notes, "workloads": rows,
@@ -184,9 +184,12 @@ def _generate_case(ids, prompt, gen, r, mask_id, device):
     return torch.tensor([ids[at - prompt:at] + [mask_id] * gen], device=device), gen
 
 
-def _hardware(device) -> str:
+def hardware(device) -> str:
+    """The device in words: the GPU's name, or the CPU's model, cores and torch threads (also
+    what training/train.py records)."""
     import torch
 
+    device = torch.device(device)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}"
     cpu = platform.processor() or platform.machine()

@@ -176,6 +176,15 @@ def safetensors_header(f, file: Path, size: int) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def read_header(file: Path) -> dict:
+    """The JSON header of a safetensors file (tensor entries and __metadata__), nothing more read."""
+    try:
+        with open(file, "rb") as f:
+            return safetensors_header(f, file, os.fstat(f.fileno()).st_size)[0]
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror})") from e
+
+
 def _entry(file: Path, name: str, info, data_size: int) -> tuple[torch.dtype, list[int], int, int]:
     try:
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
@@ -253,12 +262,7 @@ def check_layers(path: Path, cfg: DreamConfig) -> None:
     is what is wrong, so say so. (A stray tensor is an unexpected tensor, reported as such.)"""
     found = set()
     for file in weight_files(path):
-        try:
-            with open(file, "rb") as f:
-                header, _ = safetensors_header(f, file, os.fstat(f.fileno()).st_size)
-        except OSError as e:
-            raise CheckpointError(f"{file}: cannot be read ({e.strerror})") from e
-        found |= {int(m.group(1)) for k in header if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+        found |= {int(m.group(1)) for k in read_header(file) if (m := re.match(r"model\.layers\.(\d+)\.", k))}
     if found and max(found) >= cfg.num_hidden_layers and found == set(range(max(found) + 1)):
         raise CheckpointError(f"{path / 'config.json'}: num_hidden_layers is {cfg.num_hidden_layers}, but the "
                               f"weights hold layers 0..{max(found)} ({len(found)} layers)")

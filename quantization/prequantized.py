@@ -15,7 +15,6 @@ near one layer plus one output shard; a 15 GB checkpoint is never held, let alon
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -25,8 +24,8 @@ import torch
 from safetensors.torch import save_file
 
 from diffucode.daemon.checkpoint import (check_complete, check_finite, check_tensor, expected_shapes,
-                                         iter_tensors, read_config, resolve_device, resolve_path,
-                                         safetensors_header, weight_files)
+                                         iter_tensors, read_config, read_header, resolve_device,
+                                         resolve_path, weight_files)
 from diffucode.daemon.errors import CheckpointError, QuantizationError
 from diffucode.daemon.network import Dream, DreamConfig
 
@@ -178,12 +177,7 @@ def stored_config(path: Path, cfg: DreamConfig) -> QuantConfig:
     """The QuantConfig in config.json, checked against every shard's safetensors metadata."""
     qcfg = QuantConfig.from_dict(cfg.extra["quantization_config"], f"{path / 'config.json'}: quantization_config")
     for file in weight_files(path):
-        try:
-            with open(file, "rb") as f:
-                header, _ = safetensors_header(f, file, os.fstat(f.fileno()).st_size)
-        except OSError as e:
-            raise CheckpointError(f"{file}: cannot be read ({e.strerror})") from e
-        meta = header.get("__metadata__") or {}
+        meta = read_header(file).get("__metadata__") or {}
         if meta.get(SCHEME_KEY) != qcfg.scheme:
             found = meta.get(SCHEME_KEY) or "no quantization metadata"
             raise QuantizationError(f"{file.name}: holds {found}, but config.json's quantization_config "

@@ -39,8 +39,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
-import platform
 import random
 import shutil
 import signal
@@ -57,6 +55,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import data
+from diffucode.daemon.bench import hardware
 from diffucode.daemon.network import Dream, DreamConfig
 from diffucode.daemon.tokenizer import Tokenizer, train_byte_level_bpe
 
@@ -331,20 +330,6 @@ def lr_at(step: int, cfg: dict) -> float:
     warm = min(1.0, step / cfg["warmup"])
     frac = min(1.0, step / cfg["total_steps"])
     return cfg["lr"] * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def hardware(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def create_run(args, run: Path) -> dict:
