@@ -12,6 +12,7 @@ step. Knows tasks and jobs; not sockets, not msgpack."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -248,19 +249,20 @@ class Scheduler:
 def release_memory() -> None:
     """Hand freed heap pages back to the system (glibc keeps them otherwise, so a cancelled large
     request would leave the daemon's RSS high until a later request reuses them)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where there is no such function (musl, macOS)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class _Watch:

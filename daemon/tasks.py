@@ -215,11 +215,10 @@ class Tasks:
             b = _keep_last(b, budget[0], stride)
         if budget[1] is not None:
             a = a[:budget[1]]
-        budget = max(0, min(self.limits.max_context_tokens, self.ckpt.config.max_position_embeddings - reserve))
-        if len(b) + len(a) > budget:
-            want_b = int(budget * self.limits.prefix_share)
-            keep_a = min(len(a), budget - min(len(b), want_b))
-            keep_b = budget - keep_a
+        if len(b) + len(a) > total:
+            want_b = int(total * self.limits.prefix_share)
+            keep_a = min(len(a), total - min(len(b), want_b))
+            keep_b = total - keep_a
             b, a = _keep_last(b, keep_b, stride), a[:keep_a]
         return b, a
 
