@@ -30,10 +30,10 @@ from daemon_helpers import Daemon  # noqa: E402
 from lsprotocol import types as lsp  # noqa: E402
 from pygls.lsp.client import LanguageClient  # noqa: E402
 
-from diffucode.daemon.address import Address  # noqa: E402
-from diffucode.daemon.client import DaemonClient  # noqa: E402
-from diffucode.daemon.protocol import InfillParams, Sampling  # noqa: E402
-from diffucode.daemon.tiny import write_tiny_checkpoint  # noqa: E402
+from diffucode.daemon.rpc.address import Address  # noqa: E402
+from diffucode.daemon.rpc.client import DaemonClient  # noqa: E402
+from diffucode.daemon.rpc.protocol import InfillParams, Sampling  # noqa: E402
+from diffucode.daemon.engine.tiny import write_tiny_checkpoint  # noqa: E402
 
 SOURCE = "import os\n\n\ndef add(a, b):\n    total = a + b\n    return total\n"
 URI = "file:///bench/example.py"

@@ -38,8 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "training"))
 
 import data
-from diffucode.daemon.checkpoint import load_checkpoint
-from diffucode.daemon.tasks import Options, Tasks
+from diffucode.daemon.engine.checkpoint import load_checkpoint
+from diffucode.daemon.engine.tasks import Options, Tasks
 
 DECODINGS = ("exact", "fast")
 

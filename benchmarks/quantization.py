@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from diffucode.daemon.checkpoint import load_checkpoint, load_weights, read_config
+from diffucode.daemon.engine.checkpoint import load_checkpoint, load_weights, read_config
 from diffucode.quantization.accuracy import compare, fixed_inputs, logits_on
 from diffucode.quantization.memory import memory_report
 from diffucode.quantization.prequantized import write_prequantized

@@ -1,1 +1,3 @@
-"""The model side of diffucode: checkpoint loading, the Dream network, the sampler and tasks."""
+"""The model daemon, in three rooms: `engine` (the model: weights, network, samplers, tasks),
+`rpc` (the wire protocol, the client, the address; no torch) and `serve` (socket server,
+scheduler, reload). `errors` is shared by all three."""

@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from diffucode.daemon.protocol import DEFAULT_TOP_K
+from diffucode.daemon.rpc.protocol import DEFAULT_TOP_K
 
 DAEMON_DECODING = "fast"  # editor requests: fast decoding held the quality guard (README, `diffucode bench`)
 
@@ -119,7 +119,7 @@ def _address_options(p: argparse.ArgumentParser) -> None:
 
 
 def _address(args):
-    from diffucode.daemon.address import Address, default_address, tcp_address
+    from diffucode.daemon.rpc.address import Address, default_address, tcp_address
 
     if args.tcp:
         return tcp_address(args.tcp, args.token_file)
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each with the reference-equivalent decoding (a full forward pass per "
                                    "token) and with fast decoding, in one run; then exact against fast on "
                                    "held-out single-line infill. Prints a table; the last line is JSON.")
-    from diffucode.daemon.bench import add_arguments  # torch-free at import
+    from diffucode.daemon.engine.bench import add_arguments  # torch-free at import
 
     add_arguments(p)
     p.set_defaults(run=cmd_bench)
@@ -275,13 +275,13 @@ def _model(args) -> str:
 
 
 def _load(args, **kw):
-    from diffucode.daemon.checkpoint import load_checkpoint
+    from diffucode.daemon.engine.checkpoint import load_checkpoint
 
     return load_checkpoint(_model(args), args.device, args.dtype, quantize=args.quantize, **kw)
 
 
 def _sampler_args(args):
-    from diffucode.daemon.tasks import Options
+    from diffucode.daemon.engine.tasks import Options
 
     return Options(max_new_tokens=args.max_new_tokens, steps=args.steps, alg=args.alg,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -305,8 +305,8 @@ def cmd_generate(args) -> int:
     import torch
 
     from diffucode.daemon.errors import InputError
-    from diffucode.daemon.sampler import generate
-    from diffucode.daemon.tasks import sampler_config
+    from diffucode.daemon.engine.sampler import generate
+    from diffucode.daemon.engine.tasks import sampler_config
 
     try:
         ids = [int(t) for t in args.input_ids.replace(" ", "").split(",") if t]
@@ -335,7 +335,7 @@ def cmd_generate(args) -> int:
 
 def cmd_infill(args) -> int:
     from diffucode.daemon.errors import InputError
-    from diffucode.daemon.tasks import Tasks, locate
+    from diffucode.daemon.engine.tasks import Tasks, locate
 
     text = _read(args.file)
     offset = locate(text, args.line, args.column)
@@ -366,7 +366,7 @@ def cmd_refine(args) -> int:
     import difflib
 
     from diffucode.daemon.errors import InputError
-    from diffucode.daemon.tasks import Tasks, line_span
+    from diffucode.daemon.engine.tasks import Tasks, line_span
 
     try:
         first, last = (int(v) for v in args.lines.split("-"))
@@ -388,7 +388,7 @@ def cmd_refine(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from diffucode.daemon.service import serve
+    from diffucode.daemon.serve.main import serve
 
     return serve(args, _address(args))
 
@@ -396,7 +396,7 @@ def cmd_serve(args) -> int:
 def cmd_status(args) -> int:
     import asyncio
 
-    from diffucode.daemon.server import probe
+    from diffucode.daemon.serve.server import probe
 
     address = _address(args)
     status = asyncio.run(probe(address, timeout=5.0))
@@ -459,13 +459,13 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from diffucode.daemon.bench import run
+    from diffucode.daemon.engine.bench import run
 
     return run(args)
 
 
 def cmd_pull(args) -> int:
-    from diffucode.daemon.checkpoint import pull
+    from diffucode.daemon.engine.checkpoint import pull
 
     path = pull(args.hub_id, revision=args.revision, cache_dir=args.cache_dir)
     print(path)

@@ -20,9 +20,9 @@ import time
 from lsprotocol import types as lsp
 from pygls.exceptions import JsonRpcException
 
-from diffucode.daemon.address import runtime_dir
-from diffucode.daemon.client import DaemonUnavailable
-from diffucode.daemon.protocol import (LSP_DID_ACCEPT, LSP_DID_REJECT, LSP_DID_SHOW, LSP_FILL_SELECTION,
+from diffucode.daemon.rpc.address import runtime_dir
+from diffucode.daemon.rpc.client import DaemonUnavailable
+from diffucode.daemon.rpc.protocol import (LSP_DID_ACCEPT, LSP_DID_REJECT, LSP_DID_SHOW, LSP_FILL_SELECTION,
                                        LSP_REFINE_FUNCTION, LSP_SNOOZE, LSP_STATUS, LSP_TOGGLE, InfillParams,
                                        RefineParams, RPCError)
 

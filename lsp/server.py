@@ -23,9 +23,9 @@ from pygls.lsp.server import LanguageServer
 from pygls.workspace import TextDocument
 
 from diffucode import __version__
-from diffucode.daemon.address import Address, default_address, runtime_dir, tcp_address
-from diffucode.daemon.client import DaemonUnavailable, ReconnectingClient, SpawnOptions
-from diffucode.daemon.protocol import (LSP_STATUS_CHANGED, InfillParams, RefineParams, RPCError, Sampling,
+from diffucode.daemon.rpc.address import Address, default_address, runtime_dir, tcp_address
+from diffucode.daemon.rpc.client import DaemonUnavailable, ReconnectingClient, SpawnOptions
+from diffucode.daemon.rpc.protocol import (LSP_STATUS_CHANGED, InfillParams, RefineParams, RPCError, Sampling,
                                        TaskResult)
 
 from .cache import CompletionCache

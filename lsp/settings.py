@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..daemon.protocol import DEFAULT_TOP_K
+from ..daemon.rpc.protocol import DEFAULT_TOP_K
 
 # setting key (as the editor spells it) -> attribute
 KEYS = {

@@ -39,7 +39,7 @@ def check_checkpoints(full: str, quantized: str, device: str = "auto", batch: in
     """Load a full checkpoint and its quantized copy (one after the other) and compare logits."""
     import gc
 
-    from diffucode.daemon.checkpoint import load_checkpoint
+    from diffucode.daemon.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(full, device, require_tokenizer=False)
     ids = fixed_inputs(ckpt.config.vocab_size, ckpt.mask_id, batch=batch, length=length)

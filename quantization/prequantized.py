@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from diffucode.daemon.checkpoint import (check_complete, check_finite, check_tensor, expected_shapes,
+from diffucode.daemon.engine.checkpoint import (check_complete, check_finite, check_tensor, expected_shapes,
                                          iter_tensors, read_config, read_header, resolve_device,
                                          resolve_path, weight_files)
 from diffucode.daemon.errors import CheckpointError, QuantizationError
-from diffucode.daemon.network import Dream, DreamConfig
+from diffucode.daemon.engine.network import Dream, DreamConfig
 
 from .linears import quantize_linear, stored_spec
 from .memory import device_memory

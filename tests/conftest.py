@@ -2,7 +2,7 @@
 
 import pytest
 
-from diffucode.daemon.tiny import write_tiny_checkpoint
+from diffucode.daemon.engine.tiny import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -22,13 +22,13 @@ def tiny_instruct_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_dir):
-    from diffucode.daemon.checkpoint import load_checkpoint
+    from diffucode.daemon.engine.checkpoint import load_checkpoint
 
     return load_checkpoint(tiny_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tasks(tiny_ckpt):
-    from diffucode.daemon.tasks import Tasks
+    from diffucode.daemon.engine.tasks import Tasks
 
     return Tasks(tiny_ckpt)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from diffucode.daemon.checkpoint import load_checkpoint
-from diffucode.daemon.tasks import Options, Tasks
+from diffucode.daemon.engine.checkpoint import load_checkpoint
+from diffucode.daemon.engine.tasks import Options, Tasks
 from diffucode.models import default_model
 
 MODEL = default_model()

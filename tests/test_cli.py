@@ -43,9 +43,9 @@ def digest(path):
 def test_generate_json_matches_the_sampler(tiny_dir, tmp_path):
     import torch
 
-    from diffucode.daemon.checkpoint import load_checkpoint
-    from diffucode.daemon.sampler import SamplerConfig, generate
-    from diffucode.daemon.tiny import write_tiny_checkpoint
+    from diffucode.daemon.engine.checkpoint import load_checkpoint
+    from diffucode.daemon.engine.sampler import SamplerConfig, generate
+    from diffucode.daemon.engine.tiny import write_tiny_checkpoint
 
     bare = write_tiny_checkpoint(tmp_path / "bare", tokenizer_files=False)  # ids only: no tokenizer
     out = json.loads(run("generate", "--model", bare, "--input-ids", "5,17,99", "--max-new-tokens", 8,

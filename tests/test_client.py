@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from diffucode.daemon.address import Address
-from diffucode.daemon.client import DaemonClient, DaemonUnavailable, ReconnectingClient, SpawnOptions
-from diffucode.daemon.protocol import ErrorCode, InfillParams, RPCError, Sampling, TaskResult
+from diffucode.daemon.rpc.address import Address
+from diffucode.daemon.rpc.client import DaemonClient, DaemonUnavailable, ReconnectingClient, SpawnOptions
+from diffucode.daemon.rpc.protocol import ErrorCode, InfillParams, RPCError, Sampling, TaskResult
 
 # exact decoding (the daemon's default may be fast): one full forward per token, the schedule counted here
 LONG = Sampling(max_new_tokens=512, steps=512, decoding="exact")  # seconds on the tiny model: long enough to cancel
@@ -416,5 +416,5 @@ def test_a_full_daemon_says_why_it_closed(base, tiny_dir):
 
 
 def test_importing_the_client_does_not_import_torch():
-    code = "import sys, diffucode.daemon.client; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, diffucode.daemon.rpc.client; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

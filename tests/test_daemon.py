@@ -15,7 +15,7 @@ import msgpack
 import pytest
 from daemon_helpers import Conn, Daemon
 
-from diffucode.daemon.tiny import write_tiny_checkpoint
+from diffucode.daemon.engine.tiny import write_tiny_checkpoint
 
 # seconds on the tiny model: long enough to cancel (exact: every step a full forward over 1k tokens)
 LONG = {"max_new_tokens": 1000, "steps": 1000, "decoding": "exact"}
@@ -55,8 +55,8 @@ def test_status_and_infill_from_a_second_process(daemon, model_dir):
     assert len(result["tokens"]) == len(result["confidence"]) <= 8
     # the same request through the CLI's own code path gives the same middle (greedy)
     from diffucode.cli import DAEMON_DECODING  # what the daemon uses for requests that do not choose
-    from diffucode.daemon.checkpoint import load_checkpoint
-    from diffucode.daemon.tasks import Options, Tasks
+    from diffucode.daemon.engine.checkpoint import load_checkpoint
+    from diffucode.daemon.engine.tasks import Options, Tasks
 
     local = Tasks(load_checkpoint(model_dir, device="cpu"), decoding=DAEMON_DECODING).infill(
         BEFORE, AFTER, Options(max_new_tokens=8))
@@ -307,7 +307,7 @@ def test_tcp_needs_the_token(model_dir, tmp_path):
         assert out.returncode == 0, out.stderr
     finally:
         d.stop()
-    from diffucode.daemon.address import tcp_address
+    from diffucode.daemon.rpc.address import tcp_address
     from diffucode.daemon.errors import InputError
 
     with pytest.raises(InputError, match="loopback"):

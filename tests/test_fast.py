@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from diffucode.daemon.batching import BatchItem, batch_key, run_batch
+from diffucode.daemon.engine.batching import BatchItem, batch_key, run_batch
 from diffucode.daemon.errors import Cancelled, InputError
-from diffucode.daemon.fast import Drop, FastConfig, denoise_fast
-from diffucode.daemon.kvcache import DualKVCache
-from diffucode.daemon.network import padding_inputs
-from diffucode.daemon.protocol import InfillParams, Sampling
-from diffucode.daemon.sampler import FINISH, SamplerConfig
-from diffucode.daemon.tasks import Tasks
+from diffucode.daemon.engine.fast import Drop, FastConfig, denoise_fast
+from diffucode.daemon.engine.kvcache import DualKVCache
+from diffucode.daemon.engine.network import padding_inputs
+from diffucode.daemon.rpc.protocol import InfillParams, Sampling
+from diffucode.daemon.engine.sampler import FINISH, SamplerConfig
+from diffucode.daemon.engine.tasks import Tasks
 
 NEVER = 1.5  # a threshold no probability passes: one token per step
 
@@ -75,7 +75,7 @@ def test_parallel_decoding_reveals_at_least_one_per_step_and_fills_every_mask(ti
 
 
 def test_an_end_token_fills_the_masks_after_it_at_once(tiny_ckpt):
-    from diffucode.daemon.fast import _end_fill
+    from diffucode.daemon.engine.fast import _end_fill
 
     M, E, F = 99, 0, 7  # mask, end, some token
     x = torch.tensor([[5, M, E, M, M, 6], [5, M, M, M, M, 6], [5, F, M, E, M, 6]])
@@ -98,7 +98,7 @@ def test_an_end_token_fills_the_masks_after_it_at_once(tiny_ckpt):
 
 
 def test_an_end_token_waits_until_no_mask_is_left_before_it():
-    from diffucode.daemon.fast import _reveal
+    from diffucode.daemon.engine.fast import _reveal
 
     V, E, M = 10, 0, 9  # vocabulary, end token, mask
     where = torch.tensor([[1, 2, 3, 4]])  # the block's masked positions, in order
@@ -161,7 +161,7 @@ def test_callback_cancels_and_finish_fills_every_block_in_one_step(tiny_ckpt):
 
 
 def test_far_context_reuse_gives_the_same_results(tiny_dir):
-    from diffucode.daemon.checkpoint import load_checkpoint
+    from diffucode.daemon.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(tiny_dir, device="cpu")
     doc = "".join(f"def f{i}(a, b):\n    return a + {i} * b\n\n" for i in range(12))
@@ -180,8 +180,8 @@ def test_far_context_reuse_gives_the_same_results(tiny_dir):
 
 
 def test_far_context_is_reused_while_typing_in_a_file_longer_than_the_budget(tiny_dir):
-    from diffucode.daemon.checkpoint import load_checkpoint
-    from diffucode.daemon.tasks import Limits
+    from diffucode.daemon.engine.checkpoint import load_checkpoint
+    from diffucode.daemon.engine.tasks import Limits
 
     ckpt = load_checkpoint(tiny_dir, device="cpu")
     doc = "".join(f"def f{i}(a, b):\n    return a + {i} * b\n\n" for i in range(40))
@@ -247,7 +247,7 @@ def test_drop_every_row_stops_and_keys_separate_what_cannot_share(tasks, tiny_ck
 
 
 def test_scheduler_batches_pending_requests(tasks):
-    from diffucode.daemon.scheduler import Scheduler
+    from diffucode.daemon.serve.scheduler import Scheduler
 
     fast = Sampling(max_new_tokens=8, decoding="fast", threshold=NEVER, block_size=4)
     befores = ["def add(a, b):\n    return ", "x = ", "y = [", "import "]
@@ -303,7 +303,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 @torch.inference_mode()
 def test_cuda_graph_step_matches_eager(tiny_dir):
-    from diffucode.daemon.checkpoint import load_checkpoint
+    from diffucode.daemon.engine.checkpoint import load_checkpoint
 
     net = load_checkpoint(tiny_dir, device="cuda", dtype="float32").network
     x = torch.randint(0, 300, (1, 70), device="cuda")

@@ -23,11 +23,11 @@ from daemon_helpers import Daemon
 from safetensors.torch import load_file, save_file
 from test_daemon import admitted, free_port, infill, wait_reload
 
-from diffucode.daemon.checkpoint import load_checkpoint
+from diffucode.daemon.engine.checkpoint import load_checkpoint
 from diffucode.daemon.errors import CheckpointError
-from diffucode.daemon.protocol import ErrorCode, InfillParams, RPCError, Sampling
-from diffucode.daemon.scheduler import Scheduler
-from diffucode.daemon.tiny import write_tiny_checkpoint
+from diffucode.daemon.rpc.protocol import ErrorCode, InfillParams, RPCError, Sampling
+from diffucode.daemon.serve.scheduler import Scheduler
+from diffucode.daemon.engine.tiny import write_tiny_checkpoint
 
 LONG = {"max_new_tokens": 200, "steps": 200, "decoding": "exact"}
 
@@ -380,7 +380,7 @@ def test_language_server_keeps_completion_text_out_of_default_logs(model_dir, tm
 def test_loading_a_checkpoint_imports_no_compiler(model_dir):
     """A respawned daemon serves within seconds: loading must not pull in torch._dynamo (random
     init on the meta device did, several seconds on a small CPU)."""
-    code = ("import sys; from diffucode.daemon.model_state import ModelState; "
+    code = ("import sys; from diffucode.daemon.serve.reload import ModelState; "
             f"ModelState({str(model_dir)!r}); print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout[:300]

@@ -10,7 +10,7 @@ from lsprotocol import types as lsp
 from pygls.exceptions import JsonRpcException, JsonRpcRequestCancelled
 from pygls.lsp.client import LanguageClient
 
-from diffucode.daemon.tiny import write_tiny_checkpoint
+from diffucode.daemon.engine.tiny import write_tiny_checkpoint
 
 SOURCE = '''import os
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffucode.daemon.network import padding_inputs
+from diffucode.daemon.engine.network import padding_inputs
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SUBPACKAGES = ("diffucode.daemon", "diffucode.lsp", "diffucode.quantization")
+SUBPACKAGES = ("diffucode.daemon", "diffucode.daemon.engine", "diffucode.daemon.rpc", "diffucode.daemon.serve",
+               "diffucode.lsp", "diffucode.quantization")
 
 
 def imported_from(pythonpath: str | None) -> dict[str, str]:
@@ -35,7 +36,7 @@ def test_a_regular_wheel_holds_and_imports_the_subpackages(tmp_path):
     assert proc.returncode == 0, proc.stderr
     wheel = next((tmp_path / "dist").glob("diffucode-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("daemon/network.py", "lsp/__init__.py", "quantization/__init__.py", "cli.py"):
+    for module in ("daemon/engine/network.py", "daemon/rpc/protocol.py", "daemon/serve/server.py", "lsp/__init__.py", "quantization/__init__.py", "cli.py"):
         assert f"diffucode/{module}" in names
     assert not any(n.startswith("tests/") for n in names)
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")

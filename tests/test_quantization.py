@@ -13,9 +13,9 @@ from daemon_helpers import Daemon
 from safetensors import safe_open
 from torch import nn
 
-from diffucode.daemon.checkpoint import load_checkpoint
+from diffucode.daemon.engine.checkpoint import load_checkpoint
 from diffucode.daemon.errors import QuantizationError
-from diffucode.daemon.tiny import write_tiny_checkpoint
+from diffucode.daemon.engine.tiny import write_tiny_checkpoint
 from diffucode.quantization import linears, swap
 from diffucode.quantization.accuracy import compare, fixed_inputs, logits_on
 from diffucode.quantization.memory import bytes_by_dtype

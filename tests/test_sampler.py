@@ -12,7 +12,7 @@ import torch.distributions as dists
 import torch.nn.functional as F
 
 from diffucode.daemon.errors import Cancelled, InputError
-from diffucode.daemon.sampler import FINISH, SamplerConfig, denoise, generate, sample_tokens
+from diffucode.daemon.engine.sampler import FINISH, SamplerConfig, denoise, generate, sample_tokens
 
 
 # ---- the reference, transcribed --------------------------------------------------------------

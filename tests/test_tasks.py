@@ -2,9 +2,9 @@
 
 import pytest
 
-from diffucode.daemon.checkpoint import load_checkpoint
+from diffucode.daemon.engine.checkpoint import load_checkpoint
 from diffucode.daemon.errors import InputError
-from diffucode.daemon.tasks import Limits, Options, Tasks, line_span, locate
+from diffucode.daemon.engine.tasks import Limits, Options, Tasks, line_span, locate
 
 BEFORE = "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        "
 AFTER = "\n    return a\n"
@@ -126,7 +126,7 @@ def test_per_request_budget_cuts_each_side(tiny_ckpt):
 def test_long_files_are_cut_to_the_model_positions(tmp_path):
     import json
 
-    from diffucode.daemon.tiny import write_tiny_checkpoint
+    from diffucode.daemon.engine.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path / "short")
     cfg = json.loads((path / "config.json").read_text())

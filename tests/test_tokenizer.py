@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from diffucode.daemon.errors import CheckpointError
-from diffucode.daemon.tokenizer import SPECIAL_TOKENS, Tokenizer, train_byte_level_bpe
+from diffucode.daemon.engine.tokenizer import SPECIAL_TOKENS, Tokenizer, train_byte_level_bpe
 
 CORPUS_EXTRA = '''\
 def grüße(name: str) -> str:

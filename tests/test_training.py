@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "training"))
 
 import data
-from diffucode.daemon.checkpoint import load_checkpoint
-from diffucode.daemon.tokenizer import train_byte_level_bpe
+from diffucode.daemon.engine.checkpoint import load_checkpoint
+from diffucode.daemon.engine.tokenizer import train_byte_level_bpe
 from train import Windows, diffusion_loss, lr_at
 
 CODE = '''import os

@@ -55,9 +55,9 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import data
-from diffucode.daemon.bench import hardware
-from diffucode.daemon.network import Dream, DreamConfig
-from diffucode.daemon.tokenizer import Tokenizer, train_byte_level_bpe
+from diffucode.daemon.engine.bench import hardware
+from diffucode.daemon.engine.network import Dream, DreamConfig
+from diffucode.daemon.engine.tokenizer import Tokenizer, train_byte_level_bpe
 
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json"]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>", "<|dlm_pad|>"]

@@ -1,6 +1,6 @@
 """Checkpoint faults: broken files at load, and files changed in place while serving (issue 14).
 
-Load: tiny real checkpoints (diffucode.daemon.tiny) broken one way each - truncated weights, a
+Load: tiny real checkpoints (diffucode.daemon.engine.tiny) broken one way each - truncated weights, a
 tensor of the wrong shape, a missing tensor, missing tokenizer files, a missing shard, a NaN or
 an infinite weight, the wrong model_type, pickle-only weights (pytorch_model.bin), num_hidden_layers
 0, max_position_embeddings 0, config.json that is not JSON, weights that are empty or garbage -

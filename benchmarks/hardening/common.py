@@ -87,7 +87,7 @@ def add_threads_option(parser) -> None:
 
 def tiny_model(out: Path, **kw) -> Path:
     """A tiny random Dream checkpoint in the real file layout (imports torch)."""
-    from diffucode.daemon.tiny import write_tiny_checkpoint
+    from diffucode.daemon.engine.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(out, **kw)
 

@@ -172,7 +172,7 @@ async function main() {
   timeout.unref();
 
   log(`temp dir ${tmp}`);
-  execFileSync(opt.python, ['-m', 'diffucode.daemon.tiny', checkpoint], { stdio: 'inherit', env });
+  execFileSync(opt.python, ['-m', 'diffucode.daemon.engine.tiny', checkpoint], { stdio: 'inherit', env });
   execFileSync(opt['code-server'], ['--extensions-dir', extensions, '--user-data-dir', userData,
     '--install-extension', path.resolve(opt.vsix), '--force'], { stdio: 'inherit', env });
 

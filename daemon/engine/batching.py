@@ -24,10 +24,10 @@ from typing import Callable
 
 import torch
 
-from .errors import Cancelled
+from ..errors import Cancelled
 from .fast import Drop
 from .network import padding_inputs
-from .protocol import Sampling
+from ..rpc.protocol import Sampling
 from .sampler import FINISH, Step
 
 

@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .protocol import DEFAULT_TOP_K
+from ..errors import InputError
+from ..rpc.protocol import DEFAULT_TOP_K
 from .network import Dream
 
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")

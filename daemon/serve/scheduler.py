@@ -20,8 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import Cancelled, DiffucodeError, TooLarge
-from .protocol import ErrorCode, RPCError, TaskResult
+from ..errors import Cancelled, DiffucodeError, TooLarge
+from ..rpc.protocol import ErrorCode, RPCError, TaskResult
 
 log = logging.getLogger("diffucode.scheduler")
 
@@ -142,7 +142,7 @@ class Scheduler:
         """Pending jobs that can share `job`'s forward passes (batching.batch_key); taken off the queue."""
         if self.max_batch < 2 or not self.pending or job.cancelled.is_set():
             return []
-        from .batching import batch_key  # here: the module imports torch
+        from ..engine.batching import batch_key  # here: the module imports torch
 
         try:
             tasks = self.get_tasks()
@@ -191,7 +191,7 @@ class Scheduler:
                 outcome = e
             self._settle(live[0], outcome, watches[0], started)
             return
-        from .batching import BatchItem, run_batch
+        from ..engine.batching import BatchItem, run_batch
 
         self.counters["batched"] += len(live)
         items = [BatchItem(job.method, job.params.before, getattr(job.params, "after", ""), job.params.sampling,
@@ -269,7 +269,7 @@ class _Watch:
     """A job's per-step callback: stop when cancelled, send progress, finish at the deadline."""
 
     def __init__(self, job: Job):
-        from .sampler import FINISH  # here, not at the top: `diffucode status` must not import torch
+        from ..engine.sampler import FINISH  # here, not at the top: `diffucode status` must not import torch
 
         self.job, self.finish, self.finished_early = job, FINISH, False
         p = job.params

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import msgpack
 
-from .address import Address, write_token
-from .errors import InputError
-from .protocol import (METHODS, NOTIFICATION, PROTOCOL_VERSION, REQUEST, RESPONSE, TASK_METHODS,
+from ..rpc.address import Address, write_token
+from ..errors import InputError
+from ..rpc.protocol import (METHODS, NOTIFICATION, PROTOCOL_VERSION, REQUEST, RESPONSE, TASK_METHODS,
                        CancelParams, ErrorCode, RPCError, Status, from_wire, short, to_wire)
 from .scheduler import Scheduler
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import msgpack
 
-from .address import EXIT_ADDRESS_TAKEN, Address
-from .errors import DiffucodeError
-from .protocol import REQUEST
+from ..rpc.address import EXIT_ADDRESS_TAKEN, Address
+from ..errors import DiffucodeError
+from ..rpc.protocol import REQUEST
 
 log = logging.getLogger("diffucode.serve")
 
@@ -137,9 +137,9 @@ def stop_standby(standby: subprocess.Popen | None) -> None:
 
 def serve(args, address: Address) -> int:
     at_entry = seconds_since_exec()  # the interpreter and diffucode's light modules
-    from .model_state import ModelState  # torch, here
+    from .reload import ModelState  # torch, here
     from .server import DaemonServer, ServerLimits
-    from .tasks import Limits
+    from ..engine.tasks import Limits
 
     level = (args.log_level or os.environ.get("DIFFUCODE_LOG") or "INFO").upper()
     logging.basicConfig(level=level, stream=sys.stderr,

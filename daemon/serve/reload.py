@@ -13,8 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from .checkpoint import load_checkpoint, resolve_path
-from .tasks import Limits, Tasks
+from ..engine.checkpoint import load_checkpoint, resolve_path
+from ..engine.tasks import Limits, Tasks
 
 log = logging.getLogger("diffucode.model")
 

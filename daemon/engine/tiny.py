@@ -147,5 +147,5 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m diffucode.daemon.tiny OUT_DIR  (writes a tiny random Dream checkpoint)")
+        sys.exit("usage: python -m diffucode.daemon.engine.tiny OUT_DIR  (writes a tiny random Dream checkpoint)")
     print(write_tiny_checkpoint(sys.argv[1]))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from .address import EXIT_ADDRESS_TAKEN, Address
-from .errors import DaemonUnavailable
+from ..errors import DaemonUnavailable
 
 log = logging.getLogger("diffucode.client")
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import msgpack
 
 from .address import Address, default_address
-from .errors import DaemonUnavailable, DiffucodeError
+from ..errors import DaemonUnavailable, DiffucodeError
 from .spawn import Spawner, SpawnOptions
 from .protocol import (NOTIFICATION, REQUEST, RESPONSE, CompleteParams, ErrorCode, InfillParams,
                        RefineParams, RPCError, TaskResult, to_wire)

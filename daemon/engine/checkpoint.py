@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .network import Dream, DreamConfig
 from .tokenizer import Tokenizer
 

@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from ..errors import InputError
 from .kvcache import DualKVCache, PrefixStore
 from .network import Dream
 from .sampler import (CONFIDENCE_OF, FINISH, Result, SamplerConfig, Step, confidence_of, draw_tokens,

@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import InputError, TooLarge
-from .protocol import Sampling
+from ..errors import InputError, TooLarge
+from ..rpc.protocol import Sampling
 from .sampler import Result, SamplerConfig, Step, denoise
 
 DECODINGS = ("exact", "fast")

@@ -11,7 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
 EXIT_ADDRESS_TAKEN = 1  # `diffucode serve`'s exit status when another daemon holds its address
 
