@@ -1,7 +1,8 @@
 """A real daemon in a subprocess, and a plain blocking msgpack-rpc connection to talk to it.
 
-The blocking client is deliberately independent of daemon/client.py: the server's tests speak
-the wire protocol byte for byte, garbage included.
+The connection is the hardening suite's (benchmarks/hardening/conn.py), so that the tests and
+the suite speak the protocol one way. It is deliberately independent of daemon/rpc/client.py:
+the server's tests speak the wire protocol byte for byte, garbage included.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-import msgpack
+# The suite's folder is no package (its scripts run as `python benchmarks/hardening/X.py`, the way
+# tests/test_hardening_suite.py runs them), so conn.py is imported from that folder on the path;
+# appended, so that the scripts' names shadow nothing already importable.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks" / "hardening"))
+
+from conn import Conn
 
 
 class Daemon:
@@ -24,13 +30,13 @@ class Daemon:
         self.tcp = tcp
         self.token_file = workdir / "d.token"
         address = ["--tcp", tcp, "--token-file", str(self.token_file)] if tcp else ["--socket", str(self.socket)]
-        self.log = open(workdir / "daemon.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "diffucode", "serve", "--model", str(model), *address, *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        with open(workdir / "daemon.log", "ab") as log:  # the daemon writes to its own copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "diffucode", "serve", "--model", str(model), *address, *extra],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         self.wait_ready()
 
-    def connect(self, timeout: float = 30.0) -> "Conn":
+    def connect(self, timeout: float = 30.0) -> Conn:
         if self.tcp:
             host, port = self.tcp.rsplit(":", 1)
             s = socket.create_connection((host, int(port)), timeout=timeout)
@@ -66,56 +72,3 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        self.log.close()
-
-
-class Conn:
-    """A blocking msgpack-rpc connection."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        self.next_id = 100
-        self.notifications: list = []
-        self.replies: dict = {}
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, message) -> None:
-        self.sock.sendall(msgpack.packb(message, use_bin_type=True))
-
-    def request(self, method: str, params=None) -> int:
-        self.next_id += 1
-        self.send([0, self.next_id, method, params if params is not None else {}])
-        return self.next_id
-
-    def read(self):
-        """The next message (a reply or a notification); None when the daemon closed."""
-        while True:
-            try:
-                return next(self.unpacker)
-            except StopIteration:
-                pass
-            data = self.sock.recv(65536)
-            if not data:
-                return None
-            self.unpacker.feed(data)
-
-    def reply(self, msgid: int):
-        """(error, result) of request msgid; notifications seen meanwhile are kept."""
-        while msgid not in self.replies:
-            msg = self.read()
-            if msg is None:
-                raise ConnectionError("the daemon closed the connection")
-            if msg[0] == 1:
-                self.replies[msg[1]] = (msg[2], msg[3])
-            else:
-                self.notifications.append(msg)
-        return self.replies.pop(msgid)
-
-    def call(self, method: str, params=None):
-        err, result = self.reply(self.request(method, params))
-        if err is not None:
-            raise AssertionError(f"{method} failed: {err}")
-        return result

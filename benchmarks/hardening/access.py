@@ -29,7 +29,8 @@ from collections import Counter
 from pathlib import Path
 
 import msgpack
-from common import Conn, Daemon, Report, add_threads_option, error_name, scratch, tiny_model, torch_env
+from common import Daemon, Report, add_threads_option, scratch, tiny_model, torch_env
+from conn import Conn, error_name
 
 NOBODY = 65534
 THREADS: int | None = None  # --threads

@@ -1,6 +1,7 @@
-"""Shared pieces of the hardening suite (issue 14): a real daemon in a subprocess, a blocking
-msgpack-rpc connection that can also send raw bytes, RSS of a process from /proc, percentiles,
-and the report every script prints (each figure beside its goal, then one JSON line).
+"""Shared pieces of the hardening suite (issue 14): a real daemon in a subprocess, RSS of a
+process from /proc, percentiles, and the report every script prints (each figure beside its goal,
+then one JSON line). The blocking msgpack-rpc connection is in conn.py (the tests use it too),
+the language server driven like an editor in editor.py.
 
 Nothing here mocks anything: the daemon is `python -m diffucode serve` on a temp Unix socket
 (or loopback TCP), and every process a script starts is killed when it exits.
@@ -21,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import msgpack
+from conn import Conn, unix_socket
 
 SMALL_INFILL = {"before": "def add(a, b):\n    return ", "after": "\n", "sampling": {"max_new_tokens": 8}}
 
@@ -282,91 +283,6 @@ def traceback_excerpts(log: str, n: int = 2, lines: int = 40) -> list[str]:
     return out
 
 
-def unix_socket(path: Path, timeout: float) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(str(path))
-    except OSError:
-        s.close()
-        raise
-    return s
-
-
-# --- a blocking msgpack-rpc connection ---------------------------------------------------------
-
-class Conn:
-    """A blocking msgpack-rpc connection: requests, replies by id, notifications kept aside;
-    `send_raw` sends any bytes at all."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        self.next_id = 0
-        self.notifications: list = []
-        self.replies: dict = {}
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def send_raw(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def send(self, message) -> None:
-        self.sock.sendall(msgpack.packb(message, use_bin_type=True))
-
-    def request(self, method: str, params=None) -> int:
-        self.next_id += 1
-        self.send([0, self.next_id, method, params if params is not None else {}])
-        return self.next_id
-
-    def read(self):
-        """The next message from the daemon; None when it closed the connection. Raises
-        TimeoutError (socket.timeout) when nothing arrives within the socket's timeout."""
-        while True:
-            try:
-                return next(self.unpacker)
-            except StopIteration:
-                pass
-            try:
-                data = self.sock.recv(65536)
-            except ConnectionResetError:
-                return None
-            if not data:
-                return None
-            self.unpacker.feed(data)
-
-    def reply(self, msgid):
-        """(error, result) of request msgid; other replies and notifications are kept."""
-        while msgid not in self.replies:
-            msg = self.read()
-            if msg is None:
-                raise ConnectionError("the daemon closed the connection")
-            if isinstance(msg, list) and len(msg) == 4 and msg[0] == 1:
-                self.replies[msg[1]] = (msg[2], msg[3])
-            else:
-                self.notifications.append(msg)
-        return self.replies.pop(msgid)
-
-    def call(self, method: str, params=None):
-        err, result = self.reply(self.request(method, params))
-        if err is not None:
-            raise AssertionError(f"{method} failed: {err}")
-        return result
-
-
-def error_name(err) -> str:
-    """The error's name from a reply's error field ("ok" for none)."""
-    if err is None:
-        return "ok"
-    if isinstance(err, dict):
-        return str(err.get("name", "?"))
-    return f"malformed:{type(err).__name__}"
-
-
 # --- the report: figures beside their goals, then one JSON line --------------------------------
 
 class Report:
@@ -413,120 +329,3 @@ class Report:
               f"timing goals met: {sum(timing)}/{len(timing)}", flush=True)
         print(json.dumps(out, default=str), flush=True)
         return out
-
-
-# --- a real editor: pygls's LanguageClient driving `python -m diffucode lsp` ------------------
-
-class Editor:
-    """`python -m diffucode lsp` over stdio, driven by pygls's LanguageClient the way an editor
-    drives it: initialize with settings (also answered on workspace/configuration), open
-    documents, send changes and inline completion requests, cancel them. The server logs to
-    log_file (its stderr is a pipe nobody reads, which must not fill up)."""
-
-    def __init__(self, name: str, settings: dict, log_file: Path, env: dict | None = None,
-                 log_level: str = "INFO"):
-        from lsprotocol import types as lsp
-        from pygls.lsp.client import LanguageClient
-
-        self.lsp = lsp
-        self.name, self.settings, self.log_file, self.env, self.log_level = name, settings, log_file, env, log_level
-        self.client = LanguageClient(f"hardening-{name}", "1")
-        self.versions: dict[str, int] = {}
-        self.texts: dict[str, str] = {}
-        self.pid: int | None = None
-
-        @self.client.feature(lsp.WORKSPACE_CONFIGURATION)
-        def configuration(params):
-            return [self.settings for _ in params.items]
-
-        @self.client.feature("diffucode/statusChanged")
-        def status_changed(params):
-            pass
-
-    async def start(self) -> None:
-        lsp = self.lsp
-        await self.client.start_io(sys.executable, "-m", "diffucode", "lsp", "--log-level", self.log_level,
-                                   "--log-file", str(self.log_file), env=self.env, start_new_session=True)
-        server = getattr(self.client, "_server", None)  # the asyncio subprocess pygls started
-        if server is not None:
-            self.pid = server.pid
-            track_group(server.pid)
-        await self.client.initialize_async(lsp.InitializeParams(
-            capabilities=lsp.ClientCapabilities(workspace=lsp.WorkspaceClientCapabilities(configuration=True)),
-            initialization_options={"settings": self.settings}))
-        self.client.initialized(lsp.InitializedParams())
-
-    def open(self, uri: str, text: str) -> None:
-        self.versions[uri], self.texts[uri] = 1, text
-        self.client.text_document_did_open(self.lsp.DidOpenTextDocumentParams(
-            text_document=self.lsp.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
-
-    def replace(self, uri: str, text: str) -> None:
-        """The whole document changes (one didChange)."""
-        self.versions[uri] += 1
-        self.texts[uri] = text
-        self.client.text_document_did_change(self.lsp.DidChangeTextDocumentParams(
-            text_document=self.lsp.VersionedTextDocumentIdentifier(uri=uri, version=self.versions[uri]),
-            content_changes=[self.lsp.TextDocumentContentChangeWholeDocument(text=text)]))
-
-    def insert(self, uri: str, line: int, character: int, text: str) -> None:
-        """A keystroke: text inserted at (line, character), sent as an incremental change."""
-        lsp = self.lsp
-        self.versions[uri] += 1
-        lines = self.texts[uri].split("\n")
-        lines[line] = lines[line][:character] + text + lines[line][character:]
-        self.texts[uri] = "\n".join(lines)
-        at = lsp.Position(line=line, character=character)
-        self.client.text_document_did_change(lsp.DidChangeTextDocumentParams(
-            text_document=lsp.VersionedTextDocumentIdentifier(uri=uri, version=self.versions[uri]),
-            content_changes=[lsp.TextDocumentContentChangePartial(range=lsp.Range(start=at, end=at), text=text)]))
-
-    def inline_params(self, uri: str, line: int, character: int, invoked: bool = False):
-        lsp = self.lsp
-        kind = lsp.InlineCompletionTriggerKind.Invoked if invoked else lsp.InlineCompletionTriggerKind.Automatic
-        return lsp.InlineCompletionParams(text_document=lsp.TextDocumentIdentifier(uri=uri),
-                                          position=lsp.Position(line=line, character=character),
-                                          context=lsp.InlineCompletionContext(trigger_kind=kind))
-
-    def send_inline(self, uri: str, line: int, character: int, msg_id: str, invoked: bool = False):
-        """Send an inline completion request without waiting: its (concurrent) future."""
-        return self.client.protocol.send_request(self.lsp.TEXT_DOCUMENT_INLINE_COMPLETION,
-                                                 self.inline_params(uri, line, character, invoked), msg_id=msg_id)
-
-    async def inline(self, uri: str, line: int, character: int, invoked: bool = False) -> list[str]:
-        """The texts of an inline completion's items."""
-        result = await self.client.text_document_inline_completion_async(
-            self.inline_params(uri, line, character, invoked))
-        return [item.insert_text for item in (result.items if result else [])]
-
-    def cancel(self, msg_id: str) -> None:
-        self.client.protocol.notify("$/cancelRequest", self.lsp.CancelParams(id=msg_id))
-
-    async def status(self):
-        return await self.client.protocol.send_request_async("diffucode/status", {})
-
-    async def stop(self, timeout: float = 10.0) -> None:
-        import asyncio
-
-        from pygls.exceptions import JsonRpcException
-
-        try:
-            await asyncio.wait_for(self.client.shutdown_async(None), timeout)
-            self.client.exit(None)
-            await asyncio.wait_for(self.client.stop(), timeout)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError, JsonRpcException) as e:  # killed below
-            print(f"  ({self.name} did not stop cleanly: {type(e).__name__}; killed)", flush=True)
-        if self.pid is not None:
-            kill_group(self.pid)
-
-    def log_text(self) -> str:
-        try:
-            return self.log_file.read_text(errors="replace")
-        except OSError:
-            return ""
-
-
-def is_cancelled_error(exc: BaseException) -> bool:
-    """True for the JSON-RPC error a cancelled LSP request is answered with (-32800)."""
-    code = getattr(exc, "code", None)
-    return code == -32800 or "Cancelled" in type(exc).__name__

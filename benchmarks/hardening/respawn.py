@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 
 from common import (
-    Conn,
-    Editor,
     Report,
     add_threads_option,
     daemon_pids,
@@ -45,8 +43,9 @@ from common import (
     scratch,
     tiny_model,
     torch_env,
-    unix_socket,
 )
+from conn import Conn, unix_socket
+from editor import Editor
 
 SERVERS = 3
 PROBE_EVERY_S = 0.05

@@ -38,10 +38,8 @@ from pathlib import Path
 
 from common import (
     Daemon,
-    Editor,
     Report,
     add_threads_option,
-    is_cancelled_error,
     mb,
     percentile,
     rss_bytes,
@@ -49,6 +47,7 @@ from common import (
     tiny_model,
     torch_env,
 )
+from editor import Editor, is_cancelled_error
 from pygls.exceptions import JsonRpcException
 
 
