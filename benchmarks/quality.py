@@ -24,135 +24,17 @@ Last line: JSON.
 from __future__ import annotations
 
 import argparse
-import ast
-import difflib
 import json
 import os
 import platform
-import random
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "training"))
+from diffucode.daemon.engine.options import DECODINGS, Options
+from diffucode.daemon.errors import InputError
 
-import data
-from diffucode.daemon.engine.checkpoint import load_checkpoint
-from diffucode.daemon.engine.tasks import Options, Tasks
-
-DECODINGS = ("exact", "fast")
-
-
-@dataclass
-class Case:
-    before: str  # ends with a newline
-    middle: str  # the removed lines, each with its newline
-    after: str
-    line_above: str
-    source: str  # package/path
-    kind: str  # single or multi
-
-    @property
-    def lines(self) -> int:
-        return self.middle.count("\n")
-
-
-def held_out_docs(which: str) -> list[data.Doc]:
-    if which == "stdlib":
-        return [d for held, d in data.stdlib_docs() if held]
-    corpus = data.DEFAULT_HOME / "corpus"
-    if not (corpus / "held_out.jsonl").exists():
-        raise SystemExit(f"the held-out packages are not here ({corpus}): build them with "
-                         f"`python training/data.py build` (downloads the pinned packages), or use --set stdlib")
-    return [d for d in data.read_split(corpus, "held_out") if d.source != "stdlib"]
-
-
-def _parses(text: str) -> bool:
-    try:
-        ast.parse(text)
-        return True
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return False
-
-
-def samples(n: int, seed: int, which: str = "stdlib", kind: str = "single", before_lines: int = 200,
-            after_lines: int = 80) -> list[Case]:
-    """n cases drawn deterministically (seed) from the held-out files that parse."""
-    rng = random.Random(f"{seed}:{kind}")
-    docs = sorted(held_out_docs(which), key=lambda d: (d.source, d.path))
-    parsed: dict[int, bool] = {}
-    out: list[Case] = []
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 50 * n + 1000:
-            raise SystemExit(f"found only {len(out)} {kind} cases of the {n} asked for in the {which} held-out set")
-        j = rng.randrange(len(docs))
-        lines = docs[j].text.split("\n")
-        size = 1 if kind == "single" else rng.randint(2, 6)
-        starts = [i for i in range(1, len(lines) - size) if lines[i].strip()
-                  and all(len(l) < 100 for l in lines[i:i + size])]
-        if not starts:
-            continue
-        if j not in parsed:
-            parsed[j] = _parses(docs[j].text)
-        if not parsed[j]:
-            continue
-        i = rng.choice(starts)
-        out.append(Case(before="\n".join(lines[max(0, i - before_lines):i]) + "\n",
-                        middle="\n".join(lines[i:i + size]) + "\n",
-                        after="\n".join(lines[i + size:i + size + after_lines]),
-                        line_above=lines[i - 1], source=f"{docs[j].source}/{docs[j].path}", kind=kind))
-    return out
-
-
-def fill(tasks: Tasks, cases: list[Case], opts: Options) -> list:
-    """The model's answer to each case."""
-    return [tasks.infill(c.before, c.after, opts) for c in cases]
-
-
-def first_line(answer) -> str:
-    """What is scored of a single-line answer: its first line."""
-    return answer.text.split("\n", 1)[0]
-
-
-def scored_text(text: str, case: Case) -> str:
-    """The part of a prediction that is scored, normalised: the first line for a single-line case;
-    for several lines, each line without trailing whitespace and no trailing blank lines."""
-    if case.kind == "single":
-        return text.split("\n", 1)[0].rstrip()
-    return "\n".join(l.rstrip() for l in text.split("\n")).rstrip("\n")
-
-
-def editor_pass(case: Case) -> str:
-    above = case.line_above
-    indent = above[:len(above) - len(above.lstrip())]
-    if above.rstrip().endswith(":"):
-        indent += "    "
-    return indent + "pass"
-
-
-def score(preds: list[str], cases: list[Case], tok) -> dict:
-    exact = similar = parses = tokens = 0.0
-    for pred, case in zip(preds, cases):
-        p, t = scored_text(pred, case), scored_text(case.middle, case)
-        exact += p == t
-        similar += difflib.SequenceMatcher(None, p, t, autojunk=False).ratio()
-        placed = p + "\n" if p else ""
-        parses += _parses(case.before + placed + case.after)
-        tt, pt = tok.encode(t), tok.encode(p)
-        tokens += sum(a == b for a, b in zip(tt, pt)) / max(1, len(tt))
-    n = max(1, len(cases))
-    return {"exact_match": round(100 * exact / n, 1), "edit_similarity": round(100 * similar / n, 1),
-            "parses": round(100 * parses / n, 1), "token_accuracy": round(100 * tokens / n, 1)}
-
-
-BASELINES = {
-    "baseline: empty": lambda c: "",
-    "baseline: pass": editor_pass,
-    "baseline: line above": lambda c: c.line_above,
-}
+from diffucode import Engine
+from diffucode.quality import BASELINES, fill, samples, score
 
 
 def main() -> int:
@@ -189,12 +71,12 @@ def main() -> int:
     for kind, (cases, canvas) in sets.items():
         rows, timing = {}, {}
         for m in models:
-            tasks = Tasks(load_checkpoint(m, device="cpu"))
+            engine = Engine.load(m, device="cpu")
             label = Path(m).name
             for d in decodings:
                 t0 = time.perf_counter()
-                answers = fill(tasks, cases, Options(max_new_tokens=canvas, steps=args.steps, decoding=d))
-                rows[f"{label}, {d}"] = score([a.text for a in answers], cases, tasks.tok)
+                answers = fill(engine, cases, Options(max_new_tokens=canvas, steps=args.steps, decoding=d))
+                rows[f"{label}, {d}"] = score([a.text for a in answers], cases, engine.tasks.tok)
                 passes = sum(a.forward_passes for a in answers)
                 kept = sum(len(a.tokens) for a in answers)
                 timing[f"{label}, {d}"] = {"seconds": round(time.perf_counter() - t0, 1),
@@ -202,7 +84,7 @@ def main() -> int:
                                            "passes_per_answer_token": round(passes / max(1, kept), 3),
                                            "answer_tokens": round(kept / len(cases), 1)}
         for name, baseline in BASELINES.items():
-            rows[name] = score([baseline(c) for c in cases], cases, tasks.tok)
+            rows[name] = score([baseline(c) for c in cases], cases, engine.tasks.tok)
         lines = sum(c.lines for c in cases) / len(cases)
         print(f"{kind}-line infill: {len(cases)} held-out cases ({args.which}, seed {args.seed}, {lines:.1f} lines "
               f"each), canvas {canvas}")
@@ -220,4 +102,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except InputError as e:  # e.g. the held-out packages are not built: one line, not a traceback
+        raise SystemExit(f"quality.py: {e}")

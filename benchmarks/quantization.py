@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from diffucode.daemon.engine.checkpoint import load_checkpoint, load_weights, read_config
+from diffucode import Engine
+from diffucode.daemon.engine.checkpoint import load_weights
+from diffucode.daemon.engine.weights import read_config
 from diffucode.quantization.accuracy import compare, fixed_inputs, logits_on
 from diffucode.quantization.memory import memory_report
 from diffucode.quantization.prequantized import write_prequantized
@@ -232,7 +234,7 @@ def main() -> int:
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated(device)
         t = time.perf_counter()
-        ckpt = load_checkpoint(work / scheme, device=str(device), require_tokenizer=False)
+        ckpt = Engine.load(work / scheme, device=str(device), require_tokenizer=False).checkpoint
         sync(device)
         entry = {"scheme": scheme, "quantize_s": round(write_s, 2), "load_prequantized_s": round(time.perf_counter() - t, 2),
                  "file_bytes": sum(report["output_bytes_by_dtype"].values()),

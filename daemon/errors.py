@@ -31,4 +31,9 @@ class QuantizationError(DiffucodeError):
 
 
 class DaemonUnavailable(ConnectionError):
-    """No daemon answers at the address: not running, failed to start, or the connection dropped."""
+    """No daemon answers at the address: not running, failed to start, or the connection dropped.
+    `listening`: something accepted the connection but the session could not begin (TCP auth)."""
+
+    def __init__(self, message: str, *, listening: bool = False):
+        super().__init__(message)
+        self.listening = listening

@@ -7,7 +7,7 @@ each decoded the reference-equivalent way ("exact": a full forward pass per step
 step) and the fast way (dual KV cache, parallel decoding), on the same network in the same run.
 A model with fewer positions gets the context that fits, and the output says so. Then the cost
 of one cached block step at 1k and 4k tokens of context, and the quality guard: exact against
-fast decoding on held-out single-line infill (benchmarks/quality.py's samples and scoring).
+fast decoding on held-out single-line infill (diffucode.quality's samples and scoring).
 The timed workloads decode every canvas position (no stop at end tokens, so tokens/s counts
 tokens really decoded); the quality guard runs through the tasks, as the daemon does, where fast
 decoding stops at an end token (passes are reported per canvas position and per kept token).
@@ -60,7 +60,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
-    from .fast import DEFAULT_THRESHOLD
+    from diffucode.daemon.engine.options import DEFAULT_THRESHOLD
 
     if args.quick:
         args.shape = args.shape or "tiny"
@@ -124,16 +124,16 @@ def run(args) -> int:
 def _network(args):
     import torch
 
-    from .checkpoint import load_checkpoint, resolve_device
-    from .network import Dream, DreamConfig
+    from diffucode.daemon.engine.weights import resolve_device
+    from diffucode.daemon.engine.network import Dream, DreamConfig
 
     device = resolve_device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.shape is None:
-        from diffucode.models import default_model
+        from diffucode import Engine
 
-        ckpt = load_checkpoint(args.model or str(default_model()), str(device), args.dtype)
+        ckpt = Engine.load(args.model, str(device), args.dtype, require_tokenizer=False).checkpoint
         return ckpt.network, ckpt.tokenizer, ckpt.mask_id, str(ckpt.path), device, ckpt.dtype
     s = SHAPES[args.shape]
     cfg = DreamConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
@@ -225,9 +225,10 @@ def _peak_mib(device) -> float:
 def _time_decoding(net, cases, mask_id, decoding, args, tps, graphs, device) -> dict:
     import torch
 
-    from .fast import FastConfig, denoise_fast
-    from .kvcache import DualKVCache
-    from .sampler import SamplerConfig, denoise
+    from diffucode.daemon.engine.fast import denoise_fast
+    from diffucode.daemon.engine.options import FastConfig, SamplerConfig
+    from diffucode.daemon.engine.kvcache import DualKVCache
+    from diffucode.daemon.engine.sampler import denoise
 
     cache = DualKVCache(net, cuda_graphs=graphs) if decoding == "fast" else None
     fast = FastConfig(threshold=args.threshold, block_size=args.block_size)
@@ -263,7 +264,7 @@ def _step_costs(net, positions, block, graphs, device, quick=False) -> dict:
     """Median time of one cached step (block + 1 positions recomputed) over 1k and 4k cached tokens."""
     import torch
 
-    from .kvcache import DualKVCache
+    from diffucode.daemon.engine.kvcache import DualKVCache
 
     costs = {}
     for context in ((256,) if quick else (1024, 4096)):
@@ -290,22 +291,11 @@ def _step_costs(net, positions, block, graphs, device, quick=False) -> dict:
 
 
 def _quality_guard(args, tok) -> dict | None:
-    """Exact against fast decoding on held-out single-line infill, through the tasks (text in, text out)."""
-    import importlib.util
+    """Exact against fast decoding on held-out single-line infill, through the engine (text in, text out)."""
+    from diffucode import Engine, quality
+    from diffucode.daemon.engine.options import Options
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
-    if not path.exists():
-        print(f"quality guard: skipped ({path} is not here: run it from a source checkout)")
-        return None
-    spec = importlib.util.spec_from_file_location("diffucode_bench_quality", path)
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
-    from diffucode.models import default_model
-
-    from .checkpoint import load_checkpoint
-    from .tasks import Options, Tasks
-
-    tasks = Tasks(load_checkpoint(args.model or str(default_model()), args.device, args.dtype))
+    engine = Engine.load(args.model, args.device, args.dtype)
     cases = quality.samples(args.quality_samples, 1234)
     canvas = 24
     runs = {"exact": Options(max_new_tokens=canvas, decoding="exact")}
@@ -318,7 +308,7 @@ def _quality_guard(args, tok) -> dict | None:
     out = {}
     for name, opts in runs.items():
         t0 = time.perf_counter()
-        answers[name] = quality.fill(tasks, cases, opts)
+        answers[name] = quality.fill(engine, cases, opts)
         seconds = time.perf_counter() - t0
         row = quality.score([quality.first_line(a) for a in answers[name]], cases, tok)
         ref = answers["exact"]

@@ -21,9 +21,10 @@ import re
 import sys
 from pathlib import Path
 
-from diffucode.daemon.rpc.protocol import DEFAULT_TOP_K
+from diffucode.daemon.engine.options import (ALGORITHMS, DECODINGS, DEFAULT_DECODING, DEFAULT_THRESHOLD, Limits,
+                                             Options)
 
-DAEMON_DECODING = "fast"  # editor requests: fast decoding held the quality guard (README, `diffucode bench`)
+DEFAULTS, LIMITS = Options(), Limits()  # the engine's: every default below is read from these
 
 
 def _int_at_least(minimum: int):
@@ -71,34 +72,38 @@ def _model_options(p: argparse.ArgumentParser, tokenizer_note: str = "") -> None
 
 def _sampler_options(p: argparse.ArgumentParser, default_alg: str, tokens_help: str) -> None:
     g = p.add_argument_group("sampling (the reference sampler's options)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=32, help=tokens_help)
-    g.add_argument("--steps", type=_positive_int, default=None,
+    g.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULTS.max_new_tokens, help=tokens_help)
+    g.add_argument("--steps", type=_positive_int, default=DEFAULTS.steps,
                    help="denoising steps; default: one per canvas token (the most careful setting)")
-    g.add_argument("--alg", default=default_alg, choices=["origin", "maskgit_plus", "topk_margin", "entropy"],
+    g.add_argument("--alg", default=default_alg, choices=ALGORITHMS,
                    help="order in which masked positions are revealed: origin (random), maskgit_plus "
                         "(most probable first), topk_margin (largest top1-top2 margin first), entropy "
                         f"(lowest entropy first; recommended for DiffuCoder). Default {default_alg}")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus filtering, in (0, 1]")
-    g.add_argument("--top-k", type=_non_negative_int, default=DEFAULT_TOP_K,
-                   help=f"keep the k most probable tokens (default {DEFAULT_TOP_K}, the reference's effective "
+    g.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+                   help=f"0 = greedy; > 0 samples (default {DEFAULTS.temperature:g})")
+    g.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="nucleus filtering, in (0, 1]")
+    g.add_argument("--top-k", type=_non_negative_int, default=DEFAULTS.top_k,
+                   help=f"keep the k most probable tokens (default {DEFAULTS.top_k}, the reference's effective "
                         f"default: it renormalises confidences, so it changes the reveal order in greedy decoding "
                         f"too); 0: no top-k")
-    g.add_argument("--alg-temp", type=float, default=0.0,
+    g.add_argument("--alg-temp", type=float, default=DEFAULTS.alg_temp,
                    help="> 0 samples which positions to reveal from softmax(confidence / alg_temp)")
-    g.add_argument("--eps", type=float, default=1e-3, help="final time of the reveal schedule (default 1e-3)")
-    g.add_argument("--seed", type=int, default=0, help="random seed; the same seed reproduces a sample")
+    g.add_argument("--eps", type=float, default=DEFAULTS.eps,
+                   help=f"final time of the reveal schedule (default {DEFAULTS.eps:g})")
+    g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed; the same seed reproduces a sample")
 
 
 def _decoding_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
-    g.add_argument("--decoding", default="exact", choices=["exact", "fast"],
-                   help="exact (default): the reference sampler, a full forward pass per step; fast: blocks "
-                        "decoded against a dual KV cache, every token at least --threshold probable revealed "
-                        "at once (see `diffucode bench` for speed and quality)")
-    g.add_argument("--threshold", type=float, default=None,
-                   help="fast: reveal every masked token of the block at least this probable (default 0.9)")
-    g.add_argument("--block-size", type=_positive_int, default=32, help="fast: positions per block (32)")
+    g.add_argument("--decoding", default="exact", choices=DECODINGS,
+                   help="exact (default here, for scripting): the reference sampler, a full forward pass per "
+                        "step; fast: blocks decoded against a dual KV cache, every token at least --threshold "
+                        "probable revealed at once (see `diffucode bench` for speed and quality)")
+    g.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
+                   help=f"fast: reveal every masked token of the block at least this probable "
+                        f"(default {DEFAULT_THRESHOLD:g})")
+    g.add_argument("--block-size", type=_positive_int, default=DEFAULTS.block_size,
+                   help=f"fast: positions per block ({DEFAULTS.block_size})")
 
 
 def _task_options(p: argparse.ArgumentParser) -> None:
@@ -186,20 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clients connected at once; the next one is told OVERLOADED (64)")
     p.add_argument("--max-frame-bytes", type=_positive_int, default=8 * 1024 * 1024,
                    help="largest accepted message in bytes (8 MiB)")
-    p.add_argument("--max-canvas-tokens", type=_positive_int, default=1024,
-                   help="most masks in one request (1024)")
-    p.add_argument("--max-context-tokens", type=_positive_int, default=4096,
-                   help="code before + after sent to the model; the rest is cut (4096)")
-    p.add_argument("--max-text-chars", type=_positive_int, default=1_000_000,
-                   help="characters of code one request may send per side; more is TOO_LARGE (1,000,000)")
+    p.add_argument("--max-canvas-tokens", type=_positive_int, default=LIMITS.max_canvas_tokens,
+                   help=f"most masks in one request ({LIMITS.max_canvas_tokens})")
+    p.add_argument("--max-context-tokens", type=_positive_int, default=LIMITS.max_context_tokens,
+                   help=f"code before + after sent to the model; the rest is cut ({LIMITS.max_context_tokens})")
+    p.add_argument("--max-text-chars", type=_positive_int, default=LIMITS.max_text_chars,
+                   help=f"characters of code one request may send per side; more is TOO_LARGE "
+                        f"({LIMITS.max_text_chars:,})")
     p.add_argument("--auth-timeout", type=_positive_seconds, default=5.0, metavar="S",
                    help="--tcp: seconds a client has to send its token (5)")
     p.add_argument("--frame-timeout", type=_positive_seconds, default=10.0, metavar="S",
                    help="seconds a message, once begun, has to arrive whole (10)")
     p.add_argument("--idle-evict", type=_positive_seconds, default=30.0, metavar="S",
                    help="when every connection place is taken, one idle this long is closed to make room (30)")
-    p.add_argument("--decoding", default=DAEMON_DECODING, choices=["exact", "fast"],
-                   help=f"decoding for requests that do not choose (default {DAEMON_DECODING}; see `diffucode infill --help`)")
+    p.add_argument("--decoding", default=DEFAULT_DECODING, choices=DECODINGS,
+                   help=f"decoding for requests that do not choose (default {DEFAULT_DECODING}; see `diffucode infill --help`)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="fast decoding on CUDA: replay each cached step from a CUDA graph (captured once per shape)")
     p.add_argument("--prefix-cache", action="store_true",
@@ -252,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each with the reference-equivalent decoding (a full forward pass per "
                                    "token) and with fast decoding, in one run; then exact against fast on "
                                    "held-out single-line infill. Prints a table; the last line is JSON.")
-    from diffucode.daemon.engine.bench import add_arguments  # torch-free at import
+    from diffucode.bench import add_arguments  # torch-free at import
 
     add_arguments(p)
     p.set_defaults(run=cmd_bench)
@@ -267,27 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model(args) -> str:
-    """--model, or the bundled model."""
-    from diffucode.models import default_model
+def _engine(args, **kw):
+    """The Engine for --model (default: the bundled model) on --device, --dtype, --quantize."""
+    from diffucode import Engine
 
-    return args.model or str(default_model())
-
-
-def _load(args, **kw):
-    from diffucode.daemon.engine.checkpoint import load_checkpoint
-
-    return load_checkpoint(_model(args), args.device, args.dtype, quantize=args.quantize, **kw)
+    return Engine.load(args.model, args.device, args.dtype, args.quantize, **kw)
 
 
-def _sampler_args(args):
-    from diffucode.daemon.engine.tasks import Options
-
-    return Options(max_new_tokens=args.max_new_tokens, steps=args.steps, alg=args.alg,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   alg_temp=args.alg_temp, eps=args.eps, seed=args.seed,
-                   decoding=getattr(args, "decoding", "exact"), threshold=getattr(args, "threshold", None),
-                   block_size=getattr(args, "block_size", 32))
+def _sampler_args(args) -> Options:
+    """The engine's Options from the sampling and decoding arguments this command has."""
+    given = {name: getattr(args, name) for name in Options.__dataclass_fields__ if hasattr(args, name)}
+    return Options(**given)
 
 
 def _read(path: Path) -> str:
@@ -302,32 +298,17 @@ def _read(path: Path) -> str:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     from diffucode.daemon.errors import InputError
-    from diffucode.daemon.engine.sampler import generate
-    from diffucode.daemon.engine.tasks import sampler_config
 
     try:
         ids = [int(t) for t in args.input_ids.replace(" ", "").split(",") if t]
     except ValueError:
         raise InputError(f"--input-ids {args.input_ids!r}: expected comma-separated integers")
-    ckpt = _load(args, require_tokenizer=False)
-    bad = [i for i in ids if not 0 <= i < ckpt.config.vocab_size]
-    if not ids or bad:
-        raise InputError(f"--input-ids: need at least one id, each in 0..{ckpt.config.vocab_size - 1}"
-                         + (f"; got {bad[:5]}" if bad else ""))
-    if len(ids) + args.max_new_tokens > ckpt.config.max_position_embeddings:
-        raise InputError(f"sequence of {len(ids) + args.max_new_tokens} tokens exceeds the model's "
-                         f"{ckpt.config.max_position_embeddings} positions")
-    opts = _sampler_args(args)
-    gen = torch.Generator(device=ckpt.device).manual_seed(args.seed)
-    result = generate(ckpt.network, torch.tensor([ids], device=ckpt.device), args.max_new_tokens,
-                      ckpt.mask_id, sampler_config(opts, args.max_new_tokens), generator=gen,
-                      keep_history=args.json)
-    out = result.x[0].tolist()
+    engine = _engine(args, require_tokenizer=False)
+    (answer,) = engine.generate(ids, opts=_sampler_args(args), keep_history=args.json)
+    out = ids + answer.ids
     if args.json:
-        print(json.dumps({"output_ids": out, "history": [h[0].tolist() for h in result.history]}))
+        print(json.dumps({"output_ids": out, "history": answer.history}))
     else:
         print(",".join(map(str, out)))
     return 0
@@ -335,7 +316,7 @@ def cmd_generate(args) -> int:
 
 def cmd_infill(args) -> int:
     from diffucode.daemon.errors import InputError
-    from diffucode.daemon.engine.tasks import Tasks, locate
+    from diffucode.daemon.engine.tasks import locate
 
     text = _read(args.file)
     offset = locate(text, args.line, args.column)
@@ -345,12 +326,12 @@ def cmd_infill(args) -> int:
             lengths = [int(v) for v in args.lengths.split(",")]
         except ValueError:
             raise InputError(f"--lengths {args.lengths!r}: expected comma-separated integers")
-    tasks = Tasks(_load(args), args.prompt_format)
-    ans = tasks.infill(text[:offset], text[offset:], _sampler_args(args), lengths=lengths)
+    engine = _engine(args, decoding=args.decoding, prompt_format=args.prompt_format)
+    ans = engine.infill(text[:offset], text[offset:], opts=_sampler_args(args), lengths=lengths)
     if args.json:
         print(json.dumps({"middle": ans.text, "line": args.line, "column": args.column,
                           "tokens": ans.tokens, "confidence": ans.confidence,
-                          "steps": ans.steps_run, "prompt_format": tasks.prompt_format,
+                          "steps": ans.steps_run, "prompt_format": engine.tasks.prompt_format,
                           "candidates": [vars(c) for c in ans.candidates]}))
     else:
         sys.stdout.write(ans.text + ("" if ans.text.endswith("\n") else "\n"))
@@ -366,7 +347,7 @@ def cmd_refine(args) -> int:
     import difflib
 
     from diffucode.daemon.errors import InputError
-    from diffucode.daemon.engine.tasks import Tasks, line_span
+    from diffucode.daemon.engine.tasks import line_span
 
     try:
         first, last = (int(v) for v in args.lines.split("-"))
@@ -374,14 +355,14 @@ def cmd_refine(args) -> int:
         raise InputError(f"--lines {args.lines!r}: expected A-B, e.g. 3-10")
     text = _read(args.file)
     start, end = line_span(text, first, last)
-    tasks = Tasks(_load(args), args.prompt_format)
-    ans = tasks.refine(text[:start], text[start:end], text[end:], _sampler_args(args), fraction=args.fraction)
+    engine = _engine(args, decoding=args.decoding, prompt_format=args.prompt_format)
+    ans = engine.refine(text[:start], text[start:end], text[end:], opts=_sampler_args(args), fraction=args.fraction)
     new_text = text[:start] + ans.text + text[end:]
     name = str(args.file)
     diff = "".join(difflib.unified_diff(_lines(text), _lines(new_text), f"a/{name}", f"b/{name}"))
     if args.json:
         print(json.dumps({"text": ans.text, "diff": diff, "lines": [first, last], "tokens": ans.tokens,
-                          "confidence": ans.confidence, "prompt_format": tasks.prompt_format}))
+                          "confidence": ans.confidence, "prompt_format": engine.tasks.prompt_format}))
     else:
         sys.stdout.write(diff)
     return 0
@@ -396,7 +377,7 @@ def cmd_serve(args) -> int:
 def cmd_status(args) -> int:
     import asyncio
 
-    from diffucode.daemon.serve.server import probe
+    from diffucode.daemon.rpc.client import probe
 
     address = _address(args)
     status = asyncio.run(probe(address, timeout=5.0))
@@ -459,7 +440,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from diffucode.daemon.engine.bench import run
+    from diffucode.bench import run
 
     return run(args)
 

@@ -22,12 +22,12 @@ from pygls.exceptions import JsonRpcException
 
 from diffucode.daemon.rpc.address import runtime_dir
 from diffucode.daemon.rpc.client import DaemonUnavailable
-from diffucode.daemon.rpc.protocol import (LSP_DID_ACCEPT, LSP_DID_REJECT, LSP_DID_SHOW, LSP_FILL_SELECTION,
-                                       LSP_REFINE_FUNCTION, LSP_SNOOZE, LSP_STATUS, LSP_TOGGLE, InfillParams,
-                                       RefineParams, RPCError)
+from diffucode.daemon.rpc.protocol import InfillParams, RefineParams, RPCError
 
 from .context import WorkspaceIndex, uri_to_path
 from .functions import enclosing_function
+from .methods import (LSP_DID_ACCEPT, LSP_DID_REJECT, LSP_DID_SHOW, LSP_FILL_SELECTION, LSP_REFINE_FUNCTION,
+                      LSP_SNOOZE, LSP_STATUS, LSP_TOGGLE)
 from .postprocess import postprocess
 from .server import CHARS_PER_TOKEN, DiffucodeServer, client_columns, offset_at, serve
 

@@ -25,12 +25,12 @@ from pygls.workspace import TextDocument
 from diffucode import __version__
 from diffucode.daemon.rpc.address import Address, default_address, runtime_dir, tcp_address
 from diffucode.daemon.rpc.client import DaemonUnavailable, ReconnectingClient, SpawnOptions
-from diffucode.daemon.rpc.protocol import (LSP_STATUS_CHANGED, InfillParams, RefineParams, RPCError, Sampling,
-                                       TaskResult)
+from diffucode.daemon.rpc.protocol import InfillParams, RefineParams, RPCError, Sampling, TaskResult
 
 from .cache import CompletionCache
 from .context import ContextBuilder
 from .debounce import Debouncer
+from .methods import LSP_STATUS_CHANGED
 from .settings import Settings, parse
 
 log = logging.getLogger("diffucode.lsp")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..daemon.rpc.protocol import DEFAULT_TOP_K
-
 # setting key (as the editor spells it) -> attribute
 KEYS = {
     "model": "model",
@@ -37,9 +35,11 @@ class Settings:
     daemon_socket: str = ""  # "" = the default socket in the runtime dir
     daemon_spawn: bool = True
     max_new_tokens: int = 32
+    # sampling: None (null) leaves it to the daemon, whose defaults are the engine's
+    # (daemon/engine/options.py); the editor restates none of them
     steps: int | None = None
-    temperature: float = 0.0
-    top_k: int = DEFAULT_TOP_K  # 0: no top-k
+    temperature: float | None = None
+    top_k: int | None = None  # 0: no top-k
     debounce_min_ms: float = 50.0
     debounce_max_ms: float = 600.0
     before_tokens: int = 1536
@@ -65,20 +65,20 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 # What each numeric setting accepts: (kind, minimum), the minimums being extension/package.json's
-# (tests/test_lsp_parts.py holds the two together). "int?": an int or null (null, the default: the
-# daemon decides).
+# (tests/test_lsp_parts.py holds the two together). "int?", "number?": also null (null, the
+# default: the daemon decides).
 NUMBERS = {
     "max_new_tokens": ("int", 1),
     "steps": ("int?", 1),
-    "temperature": ("number", 0),
-    "top_k": ("int", 0),  # 0: no top-k
+    "temperature": ("number?", 0),
+    "top_k": ("int?", 0),  # 0: no top-k
     "debounce_min_ms": ("number", 0),
     "debounce_max_ms": ("number", 0),
     "before_tokens": ("int", 0),  # 0: no text before the cursor (only snippets)
     "after_tokens": ("int", 0),  # 0: no text after the cursor
     "request_timeout_ms": ("number", 1),
 }
-KINDS = {"int": "an integer", "int?": "an integer or null", "number": "a number"}
+KINDS = {"int": "an integer", "number": "a number"}
 OTHER_KINDS = {"str": (str, "a string"), "bool": (bool, "a boolean"), "dict": (dict, "an object")}
 
 
@@ -88,11 +88,11 @@ def expected(attr: str, value) -> str | None:
         kind, words = OTHER_KINDS[{f.name: f.type for f in fields(Settings)}[attr]]
         return None if isinstance(value, kind) else words
     kind, minimum = NUMBERS[attr]
-    if value is None and kind == "int?":
+    if value is None and kind.endswith("?"):
         return None
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = number and (kind == "number" or isinstance(value, int)) and value >= minimum
-    return None if ok else f"{KINDS[kind]} >= {minimum}"
+    ok = number and (kind.startswith("number") or isinstance(value, int)) and value >= minimum
+    return None if ok else f"{KINDS[kind.rstrip('?')]} >= {minimum}" + (" or null" if kind.endswith("?") else "")
 
 
 def parse(raw: dict | None) -> tuple[Settings, list[str]]:
@@ -102,13 +102,13 @@ def parse(raw: dict | None) -> tuple[Settings, list[str]]:
     problems = []
     for key, value in flatten(raw or {}).items():
         attr = KEYS.get(key)
-        if attr is None or value is None and attr != "steps":
+        if attr is None or value is None and not NUMBERS.get(attr, ("",))[0].endswith("?"):
             continue
         wanted = expected(attr, value)
         if wanted is not None:
             problems.append(f"setting diffucode.{key} = {value!r} is not {wanted}")
             continue
-        is_float = attr in NUMBERS and NUMBERS[attr][0] == "number"
+        is_float = attr in NUMBERS and NUMBERS[attr][0].startswith("number") and value is not None
         setattr(settings, attr, float(value) if is_float else value)
     if settings.debounce_min_ms > settings.debounce_max_ms:
         problems.append(f"setting diffucode.debounce.minMs = {settings.debounce_min_ms} exceeds "

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from diffucode.daemon.engine.checkpoint import (check_complete, check_finite, check_tensor, expected_shapes,
-                                         iter_tensors, read_config, read_header, resolve_device,
-                                         resolve_path, weight_files)
+from diffucode.daemon.engine.weights import (check_complete, check_finite, check_tensor, expected_shapes,
+                                              iter_tensors, read_config, read_header, resolve_device,
+                                              resolve_path, weight_files)
 from diffucode.daemon.errors import CheckpointError, QuantizationError
 from diffucode.daemon.engine.network import Dream, DreamConfig
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffucode.daemon.engine.checkpoint import load_checkpoint, resolve_path
+from diffucode.daemon.engine.checkpoint import load_checkpoint
+from diffucode.daemon.engine.weights import resolve_path
 from diffucode.daemon.errors import CheckpointError
 from diffucode.daemon.engine.tiny import write_tiny_checkpoint
 

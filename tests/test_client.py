@@ -18,7 +18,8 @@ import pytest
 
 from diffucode.daemon.rpc.address import Address
 from diffucode.daemon.rpc.client import DaemonClient, DaemonUnavailable, ReconnectingClient, SpawnOptions
-from diffucode.daemon.rpc.protocol import ErrorCode, InfillParams, RPCError, Sampling, TaskResult
+from diffucode.daemon.rpc.protocol import (CompleteParams, ErrorCode, InfillParams, RefineParams, RPCError,
+                                          Sampling, TaskResult)
 
 # exact decoding (the daemon's default may be fast): one full forward per token, the schedule counted here
 LONG = Sampling(max_new_tokens=512, steps=512, decoding="exact")  # seconds on the tiny model: long enough to cancel
@@ -151,6 +152,12 @@ def test_infill_round_trip_with_progress(daemon):
         assert [u["id"] for u in updates] == [client.last_request_id] * len(updates)
         assert [u["step"] for u in updates] == list(range(SHORT.max_new_tokens))
         assert updates[0]["masks_left"] == SHORT.max_new_tokens and "text" in updates[0]
+        # the other typed methods; a sampling field not sent takes the daemon's default
+        done = await client.complete(CompleteParams(before="import os\n", sampling=Sampling(max_new_tokens=4)))
+        assert isinstance(done, TaskResult) and len(done.tokens) <= 4
+        span = "    return a + b\n"
+        new = await client.refine(RefineParams(before="def add(a, b):\n", span=span, after="\n", sampling=SHORT))
+        assert isinstance(new, TaskResult) and len(new.tokens) == len(new.confidence)
         await client.close()
 
     run(main())

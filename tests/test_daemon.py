@@ -54,11 +54,11 @@ def test_status_and_infill_from_a_second_process(daemon, model_dir):
     assert err is None and result["steps"] == 8 and isinstance(result["text"], str)
     assert len(result["tokens"]) == len(result["confidence"]) <= 8
     # the same request through the CLI's own code path gives the same middle (greedy)
-    from diffucode.cli import DAEMON_DECODING  # what the daemon uses for requests that do not choose
+    from diffucode.daemon.engine.options import DEFAULT_DECODING  # what the daemon uses for requests that do not choose
     from diffucode.daemon.engine.checkpoint import load_checkpoint
     from diffucode.daemon.engine.tasks import Options, Tasks
 
-    local = Tasks(load_checkpoint(model_dir, device="cpu"), decoding=DAEMON_DECODING).infill(
+    local = Tasks(load_checkpoint(model_dir, device="cpu"), decoding=DEFAULT_DECODING).infill(
         BEFORE, AFTER, Options(max_new_tokens=8))
     assert local.text == result["text"]
 

@@ -14,6 +14,7 @@ from diffucode.daemon.errors import Cancelled, InputError
 from diffucode.daemon.engine.fast import Drop, FastConfig, denoise_fast
 from diffucode.daemon.engine.kvcache import DualKVCache
 from diffucode.daemon.engine.network import padding_inputs
+from diffucode.daemon.engine.options import Options
 from diffucode.daemon.rpc.protocol import InfillParams, Sampling
 from diffucode.daemon.engine.sampler import FINISH, SamplerConfig
 from diffucode.daemon.engine.tasks import Tasks
@@ -169,7 +170,7 @@ def test_far_context_reuse_gives_the_same_results(tiny_dir):
     early = doc.index("f6")  # an edit inside the far context: only the chunks before it are reused
     edits = [(doc[:cut], doc[cut:]), (doc[:cut], doc[cut:]), (doc[:cut] + "    x = 1\n", doc[cut:]),
              (doc[:early] + "g" + doc[early + 1:cut], doc[cut:])]
-    opts = Sampling(max_new_tokens=12, decoding="fast", threshold=NEVER, block_size=8, prefix_cache=True)
+    opts = Options(max_new_tokens=12, decoding="fast", threshold=NEVER, block_size=8, prefix_cache=True)
     reused = Tasks(ckpt)
     for before, after in edits:
         got = reused.infill(before, after, opts, group="file:///doc.py")
@@ -185,7 +186,7 @@ def test_far_context_is_reused_while_typing_in_a_file_longer_than_the_budget(tin
 
     ckpt = load_checkpoint(tiny_dir, device="cpu")
     doc = "".join(f"def f{i}(a, b):\n    return a + {i} * b\n\n" for i in range(40))
-    opts = Sampling(max_new_tokens=8, decoding="fast", threshold=NEVER, block_size=8, prefix_cache=True)
+    opts = Options(max_new_tokens=8, decoding="fast", threshold=NEVER, block_size=8, prefix_cache=True)
     tasks = Tasks(ckpt, limits=Limits(max_context_tokens=200))
     for typed in ("d", "de", "def", "def g"):  # the cursor moves on; the kept window's start stays put
         got = tasks.infill(doc + typed, "\n\nx = 1\n", opts, group="file:///long.py")
@@ -198,7 +199,7 @@ def test_far_context_is_reused_while_typing_in_a_file_longer_than_the_budget(tin
 
 @pytest.mark.parametrize("decoding", ["fast", "exact"])
 def test_batch_gives_each_request_what_it_gets_alone(tasks, decoding):
-    fast = Sampling(max_new_tokens=10, decoding=decoding, threshold=0.05, block_size=4)
+    fast = Options(max_new_tokens=10, decoding=decoding, threshold=0.05, block_size=4)
     docs = [("def add(a, b):\n    return ", "\n"), ("x = ", ""), ("class Stack:\n    def pop(self):\n        ", "\n\n")]
     alone = [tasks.infill(b, a, fast) for b, a in docs]
     outcomes = {}
@@ -227,16 +228,18 @@ def test_drop_every_row_stops_and_keys_separate_what_cannot_share(tasks, tiny_ck
         raise Cancelled("by the test")
 
     outcomes = {}
-    item = BatchItem("infill", "x = ", "", Sampling(max_new_tokens=6, decoding="fast"), callback=cancel)
+    item = BatchItem("infill", "x = ", "", Options(max_new_tokens=6, decoding="fast"), callback=cancel)
     run_batch(tasks, [item, item], outcomes.__setitem__)
     assert len(outcomes) == 2 and all(isinstance(o, Cancelled) for o in outcomes.values())
-    greedy = InfillParams(before="a", sampling=Sampling(decoding="fast"))
+    greedy = Options(decoding="fast")
     assert batch_key(tasks, "infill", greedy) not in (None, batch_key(tasks, "complete", greedy))
-    for other in (Sampling(decoding="fast", temperature=0.5), Sampling(decoding="fast", prefix_cache=True)):
-        assert batch_key(tasks, "infill", InfillParams(sampling=other)) is None
-    exact = batch_key(tasks, "infill", InfillParams(sampling=Sampling(decoding="exact")))
+    for other in (Options(decoding="fast", temperature=0.5), Options(decoding="fast", prefix_cache=True)):
+        assert batch_key(tasks, "infill", other) is None
+    exact = batch_key(tasks, "infill", Options(decoding="exact"))
     assert exact is not None and exact != batch_key(tasks, "infill", greedy)  # exact batches with exact only
     assert batch_key(tasks, "refine", greedy) is None
+    assert batch_key(tasks, "infill", greedy, lengths=[8, 16]) is None  # two canvases: alone
+    assert batch_key(tasks, "infill", greedy, budget=(100, None)) != batch_key(tasks, "infill", greedy)
     x = torch.tensor([[5, tiny_ckpt.mask_id, 6], [tiny_ckpt.mask_id, tiny_ckpt.mask_id, 7]])
     with pytest.raises(InputError, match="same length"):
         denoise_fast(tiny_ckpt.network, x, tiny_ckpt.mask_id, SamplerConfig(steps=2))
@@ -247,11 +250,11 @@ def test_drop_every_row_stops_and_keys_separate_what_cannot_share(tasks, tiny_ck
 
 
 def test_scheduler_batches_pending_requests(tasks):
-    from diffucode.daemon.serve.scheduler import Scheduler
+    from diffucode.daemon.serve.scheduler import Scheduler, options_of
 
     fast = Sampling(max_new_tokens=8, decoding="fast", threshold=NEVER, block_size=4)
     befores = ["def add(a, b):\n    return ", "x = ", "y = [", "import "]
-    alone = [tasks.infill(b, "", fast).text for b in befores]
+    alone = [tasks.infill(b, "", options_of(fast)).text for b in befores]
 
     async def main():
         sched = Scheduler(lambda: tasks, max_queue=8)
@@ -280,10 +283,10 @@ def test_cli_and_tasks_choose_the_decoding(tiny_dir, tasks, tmp_path, capsys):
     assert main(["infill", "--model", str(tiny_dir), str(path), "--line", "3", "--column", "12", "--json",
                  "--decoding", "fast", "--threshold", "0.5", "--block-size", "8", "--max-new-tokens", "12"]) == 0
     out = json.loads(capsys.readouterr().out)
-    fast = Sampling(max_new_tokens=12, decoding="fast", threshold=0.5, block_size=8)
+    fast = Options(max_new_tokens=12, decoding="fast", threshold=0.5, block_size=8)
     assert out["middle"] == tasks.infill('def add(a, b):\n    """Add."""\n    return ', "\n", fast).text
     with pytest.raises(InputError, match="decoding 'quick' is unknown"):
-        tasks.infill("x = ", "", Sampling(decoding="quick"))
+        tasks.infill("x = ", "", Options(decoding="quick"))
 
 
 def test_bench_quick_prints_json():

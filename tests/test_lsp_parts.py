@@ -32,7 +32,7 @@ def test_settings_parse_nested_and_dotted_with_problems_named():
     assert s.daemon_socket == "/tmp/x.sock" and s.daemon_spawn is False and s.max_new_tokens == 64
     assert s.debounce_min_ms == 10.0 and s.temperature == Settings().temperature
     assert s.language_enabled("python") and not s.language_enabled("rust")
-    assert problems == ["setting diffucode.temperature = -1 is not a number >= 0"]
+    assert problems == ["setting diffucode.temperature = -1 is not a number >= 0 or null"]
     s, problems = parse({"debounce": {"minMs": 900, "maxMs": 100}})
     assert s.debounce_min_ms == 100 and "exceeds debounce.maxMs" in problems[0]
     s, problems = parse({"context": {"afterTokens": 0}, "steps": None, "maxNewTokens": 2.5, "model": 3})

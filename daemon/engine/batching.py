@@ -5,13 +5,13 @@ the same decoding (exact or fast), the same sampling settings, and deterministic
 (temperature 0, no alg_temp, not `origin`), because then a row's result does not depend on its
 batch-mates: the batch gives each request what it would get alone. Sampled requests run alone
 (their random draws would differ in a batch), and so do requests that use the per-document
-prefix cache. Requests with a deadline batch only with requests that have one; the earliest
-deadline finishes the whole batch.
+prefix cache. (The scheduler adds its own condition: requests with a deadline batch only with
+requests that have one, as the earliest deadline finishes the whole batch.)
 
 `run_batch` lays the sequences out as the tasks do, left-pads them (network.padding_inputs: the
 reference's rules), denoises them (sampler.denoise or fast.denoise_fast), and calls each
 request's own per-step callback with its own row. A request whose callback raises Cancelled is
-settled at once (fast.Drop): fast decoding takes its row out of the batch, exact decoding keeps
+settled at once (sampler.Drop): fast decoding takes its row out of the batch, exact decoding keeps
 computing it and ignores it; the others go on.
 
 Knows tasks, the samplers and callbacks; not sockets, not the scheduler's queue.
@@ -25,10 +25,9 @@ from typing import Callable
 import torch
 
 from ..errors import Cancelled
-from .fast import Drop
 from .network import padding_inputs
-from ..rpc.protocol import Sampling
-from .sampler import FINISH, Step
+from .options import Options
+from .sampler import FINISH, Drop, Step
 
 
 @dataclass
@@ -36,16 +35,15 @@ class BatchItem:
     task: str  # "complete" | "infill"
     before: str
     after: str
-    opts: Sampling
+    opts: Options
     budget: tuple[int | None, int | None] = (None, None)
     callback: Callable[[Step], str | None] | None = None  # may raise Cancelled, may return FINISH
     lengths: list[int] | None = None
 
 
-def batch_key(tasks, method: str, params) -> tuple | None:
+def batch_key(tasks, method: str, s: Options, lengths: list[int] | None = None,
+              budget: tuple[int | None, int | None] = (None, None)) -> tuple | None:
     """Requests with equal keys can run as one batch; None: this request runs alone."""
-    s: Sampling = params.sampling
-    lengths = getattr(params, "lengths", None)
     if method not in ("complete", "infill") or (lengths and len(set(lengths)) > 1):
         return None
     if tasks.uses_prefix_cache(s):
@@ -55,7 +53,7 @@ def batch_key(tasks, method: str, params) -> tuple | None:
     canvas = lengths[0] if lengths else s.max_new_tokens
     steps = s.steps if lengths is None else (s.steps, s.max_new_tokens)
     return (method, canvas, tasks.decoding_of(s), steps, s.alg, s.top_p, s.top_k, s.eps, s.threshold,
-            s.block_size, params.deadline_ms is not None, params.before_tokens is None, params.after_tokens is None)
+            s.block_size, budget[0] is None, budget[1] is None)
 
 
 def run_batch(tasks, items: list[BatchItem], settle: Callable[[int, object], None]) -> None:
@@ -67,7 +65,7 @@ def run_batch(tasks, items: list[BatchItem], settle: Callable[[int, object], Non
         n = item.lengths[0] if item.lengths else item.opts.max_new_tokens
         try:
             tasks.check(item.opts, item.lengths, before=item.before, after=item.after)
-            plans.append(tasks.plan_infill(item.task, item.before, item.after, [n], item.budget)[0])
+            plans.append(tasks.plan_infill(item.task, item.before, item.after, [n], item.budget)[0][0])
             rows.append(i)
         except Exception as e:  # a request over a limit fails alone
             settle(i, e)

@@ -44,38 +44,11 @@ import torch.nn.functional as F
 from ..errors import InputError
 from .kvcache import DualKVCache, PrefixStore
 from .network import Dream
-from .sampler import (CONFIDENCE_OF, FINISH, Result, SamplerConfig, Step, confidence_of, draw_tokens,
-                      filtered_probs, masked_logits)
+from .options import FastConfig, SamplerConfig
+from .sampler import (CONFIDENCE_OF, Denoising, Drop, Result, Step, confidence_of, draw_tokens, filtered_probs,
+                      masked_logits, token_logprobs)
 
-DEFAULT_THRESHOLD = 0.9  # Fast-dLLM's; the quality guard of `diffucode bench` checks it
-DEFAULT_BLOCK_SIZE = 32
-
-
-@dataclass
-class FastConfig:
-    threshold: float = DEFAULT_THRESHOLD  # reveal every masked token of the block at least this probable
-    block_size: int = DEFAULT_BLOCK_SIZE
-    context_chunk: int = 64  # far-context chunk (only with a prefix store)
-    # End tokens (infill and completion, whose answer is cut at the first end token): once one is
-    # revealed in a row's span, the masks after it are filled with it without spending passes.
-    end_ids: tuple[int, ...] = ()
-
-    def check(self) -> None:
-        if not self.threshold > 0:
-            raise InputError(f"threshold must be > 0, got {self.threshold}")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise InputError(f"block_size must be an integer >= 1, got {self.block_size!r}")
-        if not isinstance(self.context_chunk, int) or self.context_chunk < 1:
-            raise InputError(f"context_chunk must be an integer >= 1, got {self.context_chunk!r}")
-
-
-@dataclass
-class Drop:
-    """A callback's answer in a batch: stop decoding these rows (indices into the batch)."""
-
-    rows: list[int]
-    finish: bool = False  # and, as FINISH, fill the other rows' remaining masks in one last step
-
+__all__ = ["Drop", "FastConfig", "denoise_fast"]  # Drop and FastConfig live in sampler.py and options.py
 
 def _reveal(x, logits, where, valid, k_min, cfg: SamplerConfig, threshold: float, generator, logprob,
             ends: torch.Tensor | None = None) -> None:
@@ -115,7 +88,7 @@ def _reveal(x, logits, where, valid, k_min, cfg: SamplerConfig, threshold: float
     rows, cols = pick.nonzero(as_tuple=True)
     at, new = where[rows, cols], tokens[rows, cols]
     x[rows, at] = new
-    logprob[rows, at] = torch.log_softmax(logits[rows, cols], dim=-1).gather(-1, new[:, None]).squeeze(-1)
+    logprob[rows, at] = token_logprobs(logits[rows, cols], new)
 
 
 def _end_fill(x: torch.Tensor, first: torch.Tensor, span: int, ends: torch.Tensor, mask_id: int) -> None:
@@ -137,6 +110,34 @@ def _masked_first(block: torch.Tensor, masked: torch.Tensor, P: int) -> tuple[to
     return block.gather(1, order), masked.gather(1, order)
 
 
+@dataclass
+class _Rows:
+    """The batch rows still decoding (indices into the batch) and their per-row inputs."""
+
+    live: torch.Tensor  # (B',) row indices
+    first: torch.Tensor  # (B',) each row's first masked position
+    position_ids: torch.Tensor  # (B', N)
+    key_valid: torch.Tensor | None  # (B', N) bool: which positions are tokens (left padding: not)
+
+    def drop(self, rows: list[int], cache: DualKVCache) -> bool:
+        """Take these batch rows out (the cache too); True when none is left."""
+        gone = set(rows)
+        keep = torch.tensor([i for i, r in enumerate(self.live.tolist()) if r not in gone],
+                            dtype=torch.long, device=self.live.device)
+        if len(keep) == 0:
+            return True
+        self.live, self.first, self.position_ids = self.live[keep], self.first[keep], self.position_ids[keep]
+        self.key_valid = None if self.key_valid is None else self.key_valid[keep]
+        cache.select(keep)
+        return False
+
+
+def _after_step(run: Denoising, before: torch.Tensor, rows: _Rows, cache: DualKVCache, mask_id: int) -> bool:
+    """The shared step contract, plus Drop: True when no row is left."""
+    answer = run.after_step(run.steps_run, before, int((run.x[rows.live] == mask_id).sum()))
+    return isinstance(answer, Drop) and bool(answer.rows) and rows.drop(answer.rows, cache)
+
+
 @torch.inference_mode()
 def denoise_fast(
     network: Dream,
@@ -153,17 +154,15 @@ def denoise_fast(
     cache: DualKVCache | None = None,  # reused between calls: its buffers are allocated once
     prefix: tuple[PrefixStore, str] | None = None,  # (store, group): reuse the far context's K/V
 ) -> Result:
-    cfg.check()
+    run = Denoising(x, cfg, callback, keep_history)
     fast = fast or FastConfig()
     fast.check()
-    x = x.clone()
+    x = run.x
     B, N = x.shape
     device = x.device
-    history = [] if keep_history else None
-    logprob = torch.full((B, N), float("nan"), device=device)
     masked = x == mask_id
     if not masked.any():
-        return Result(x=x, history=history, logprob=logprob, steps_run=0, forward_passes=0)
+        return run.result()
     ar = torch.arange(N, device=device)
     first = torch.where(masked, ar, N).min(dim=1).values
     last = torch.where(masked, ar, -1).max(dim=1).values
@@ -172,51 +171,41 @@ def denoise_fast(
                          f"{(last - first + 1).clamp(min=0).tolist()}")
     span = int(last[0] - first[0]) + 1
     key_valid = None if attention_mask is None else attention_mask[:, 0].any(dim=1)  # (B, N)
-    if position_ids is None:
-        position_ids = ar.expand(B, N)
+    rows = _Rows(torch.arange(B, device=device), first, ar.expand(B, N) if position_ids is None else position_ids,
+                 key_valid)
     cache = cache or DualKVCache(network)
     cache.reserve(B, N)
     frozen = _far_context(cache, x, int(first[0]), fast, prefix) if prefix and B == 1 and key_valid is None else 0
+    if _decode_blocks(run, network, mask_id, cfg, fast, rows, cache, span, frozen, generator):
+        return run.result()  # every row was dropped
+    if run.finishing:
+        _finish(run, network, mask_id, cfg, rows, cache, generator)
+    return run.result()
 
+
+def _decode_blocks(run: Denoising, network: Dream, mask_id: int, cfg: SamplerConfig, fast: FastConfig, rows: _Rows,
+                   cache: DualKVCache, span: int, frozen: int, generator) -> bool:
+    """The masked span, block by block: a full forward (the cache's refresh) then cached steps,
+    each revealing what passes the threshold and at least the block's share of the step budget.
+    Stops early when the callback asks to finish. True when every row was dropped."""
+    x, logprob = run.x, run.logprob
+    N = x.shape[1]
+    device = x.device
     ends = torch.tensor(fast.end_ids, dtype=x.dtype, device=device) if fast.end_ids else None
-    live = torch.arange(B, device=device)  # batch rows still decoding
-    total = int(masked.sum(dim=1).max())
-    steps_run = passes = 0
-    finishing = False
-
-    def after_step(before: torch.Tensor) -> bool:
-        """History, callback; applies Drop; True when no row is left."""
-        nonlocal steps_run, finishing, live, first, position_ids, key_valid
-        steps_run += 1
-        if history is not None:
-            history.append(x.clone())
-        if callback is None:
-            return False
-        answer = callback(Step(steps_run - 1, cfg.steps, x, before != x, int((x[live] == mask_id).sum())))
-        finishing = finishing or answer == FINISH or (isinstance(answer, Drop) and answer.finish)
-        if isinstance(answer, Drop) and answer.rows:
-            keep = torch.tensor([i for i, r in enumerate(live.tolist()) if r not in set(answer.rows)],
-                                dtype=torch.long, device=device)
-            if len(keep) == 0:
-                return True
-            live, first, position_ids = live[keep], first[keep], position_ids[keep]
-            key_valid = None if key_valid is None else key_valid[keep]
-            cache.select(keep)
-        return False
-
+    total = int((x == mask_id).sum(dim=1).max())
     for b0 in range(0, span, fast.block_size):
         L = min(fast.block_size, span - b0)
         T = min(L + 1, N)
         offsets = b0 + torch.arange(L, device=device)
-        block_masks = int((x[live].gather(1, first[:, None] + offsets) == mask_id).sum(dim=1).max())
+        block_masks = int((x[rows.live].gather(1, rows.first[:, None] + offsets) == mask_id).sum(dim=1).max())
         if block_masks == 0:
             continue
         budget = max(1, math.ceil(cfg.steps * block_masks / total))
         for j in range(budget):
-            if finishing:
+            if run.finishing:
                 break
-            xs = x[live]
-            block = first[:, None] + offsets  # (B, L) absolute positions
+            xs = x[rows.live]
+            block = rows.first[:, None] + offsets  # (B, L) absolute positions
             bmask = xs.gather(1, block) == mask_id
             if not bmask.any():
                 break
@@ -224,37 +213,44 @@ def denoise_fast(
             P = L if cache.graphs is not None else int(left.max())  # graphs: one shape per block size
             where, valid = _masked_first(block, bmask, P)
             if j == 0:
-                logits = cache.refresh(xs, position_ids, key_valid, where, frozen)
+                logits = cache.refresh(xs, rows.position_ids, rows.key_valid, where, frozen)
             else:
-                lo = (first + b0 - 1).clamp(min=0, max=N - T)
-                logits = cache.step(xs, lo, T, position_ids, key_valid, where - lo[:, None])
-            passes += 1
+                lo = (rows.first + b0 - 1).clamp(min=0, max=N - T)
+                logits = cache.step(xs, lo, T, rows.position_ids, rows.key_valid, where - lo[:, None])
+            run.forward_passes += 1
             k_min = torch.where(left > 0, (left + (budget - j) - 1) // (budget - j), 0)
-            lp = logprob[live]
+            lp = logprob[rows.live]
             before = x.clone()
             _reveal(xs, logits, where, valid, k_min, cfg, fast.threshold, generator, lp, ends)
             if ends is not None:
-                _end_fill(xs, first, span, ends, mask_id)
-            x[live], logprob[live] = xs, lp
-            if after_step(before):
-                return Result(x=x, history=history, logprob=logprob, steps_run=steps_run, forward_passes=passes)
-        if finishing:
+                _end_fill(xs, rows.first, span, ends, mask_id)
+            x[rows.live], logprob[rows.live] = xs, lp
+            if _after_step(run, before, rows, cache, mask_id):
+                return True
+        if run.finishing:
             break
+    return False
 
-    xs = x[live]
+
+def _finish(run: Denoising, network: Dream, mask_id: int, cfg: SamplerConfig, rows: _Rows, cache: DualKVCache,
+            generator) -> None:
+    """The deadline: every remaining mask in one exact forward pass."""
+    x, logprob = run.x, run.logprob
+    xs = x[rows.live]
     masked = xs == mask_id
-    if finishing and masked.any():  # the deadline: every remaining mask, one exact forward
-        mask2d = None if key_valid is None else key_valid[:, None, None, :] & key_valid[:, None, :, None]
-        logits = masked_logits(network, xs, masked, mask2d, position_ids)
-        passes += 1
-        chosen, tokens = draw_tokens(filtered_probs(logits, cfg), cfg, generator)
-        lp = logprob[live]
-        lp[masked] = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-        xs[masked] = tokens
-        before = x.clone()
-        x[live], logprob[live] = xs, lp
-        after_step(before)
-    return Result(x=x, history=history, logprob=logprob, steps_run=steps_run, forward_passes=passes)
+    if not masked.any():
+        return
+    kv = rows.key_valid
+    mask2d = None if kv is None else kv[:, None, None, :] & kv[:, None, :, None]
+    logits = masked_logits(network, xs, masked, mask2d, rows.position_ids)
+    run.forward_passes += 1
+    _, tokens = draw_tokens(filtered_probs(logits, cfg), cfg, generator)
+    lp = logprob[rows.live]
+    lp[masked] = token_logprobs(logits, tokens)
+    xs[masked] = tokens
+    before = x.clone()
+    x[rows.live], logprob[rows.live] = xs, lp
+    _after_step(run, before, rows, cache, mask_id)
 
 
 def _far_context(cache: DualKVCache, x: torch.Tensor, first: int, fast: FastConfig,

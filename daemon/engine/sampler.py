@@ -4,6 +4,8 @@ anywhere in the sequence, so that one loop serves completion, infill and refinem
 This module knows token ids and the network; no text, no sockets. Its one window to the
 outside is the per-step callback, which can cancel (raise `Cancelled`), watch the canvas
 (streaming), or ask to finish (a deadline): the next step then reveals every remaining mask.
+`Denoising` holds what a decoder keeps while it runs and interprets the callback's answers; fast
+decoding (fast.py) runs on the same `Denoising`, `Result` and log-probability helper.
 
 The arithmetic mirrors the reference step for step (float32 linspace schedule, reveal count
 truncated from the float mean mask count, top-k over a full-length confidence row) so that
@@ -20,39 +22,20 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..rpc.protocol import DEFAULT_TOP_K
 from .network import Dream
+from .options import SamplerConfig
 
-ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 FINISH = "finish"  # a callback returns this to fill all remaining masks in one last step
 
 
 @dataclass
-class SamplerConfig:
-    steps: int
-    alg: str = "entropy"
-    temperature: float = 0.0
-    top_p: float | None = None
-    top_k: int | None = DEFAULT_TOP_K  # the reference's effective default; 0 or None: off
-    alg_temp: float | None = 0.0
-    eps: float = 1e-3
+class Drop:
+    """A callback's answer in a batch: stop decoding these rows (indices into the batch). Fast
+    decoding takes them out of its tensors; exact decoding keeps computing them (their results
+    are ignored)."""
 
-    def check(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise InputError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if self.alg not in ALGORITHMS:
-            raise InputError(f"alg {self.alg!r} is unknown; choose one of {', '.join(ALGORITHMS)}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
-                                       or self.top_k < 0):
-            raise InputError(f"top_k must be an integer >= 0 (0: no top-k), got {self.top_k!r}")
-        if self.alg_temp is not None and self.alg_temp < 0:
-            raise InputError(f"alg_temp must be >= 0, got {self.alg_temp}")
-        if not 0 < self.eps < 1:
-            raise InputError(f"eps must be in (0, 1), got {self.eps}")
+    rows: list[int]
+    finish: bool = False  # and, as FINISH, fill the other rows' remaining masks in one last step
 
 
 @dataclass
@@ -138,6 +121,43 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplerConfig, generator: torch.Gen
 CONFIDENCE_OF = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "neg_entropy"}
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(M,) log-probability of each row's token under the untempered (M, V) logits."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.clamp(max=logits.shape[-1] - 1)[:, None]).squeeze(-1)
+
+
+class Denoising:
+    """What a decoder keeps while it runs: the canvas, the log-probability of each revealed token,
+    the history, the counters, and whether the callback asked to finish."""
+
+    def __init__(self, x: torch.Tensor, cfg: SamplerConfig, callback: Callable[[Step], object] | None,
+                 keep_history: bool):
+        cfg.check()
+        self.x = x.clone()
+        self.steps = cfg.steps
+        self.callback = callback
+        self.history: list[torch.Tensor] | None = [] if keep_history else None
+        self.logprob = torch.full(x.shape, float("nan"), device=x.device)
+        self.steps_run = self.forward_passes = 0
+        self.finishing = False
+
+    def after_step(self, index: int, before: torch.Tensor, masks_left: int):
+        """A step has changed the canvas from `before`: count it, record it, and ask the callback.
+        Returns its answer (None, FINISH or a Drop), having noted a request to finish."""
+        self.steps_run += 1
+        if self.history is not None:
+            self.history.append(self.x.clone())
+        if self.callback is None:
+            return None
+        answer = self.callback(Step(index, self.steps, self.x, before != self.x, masks_left))
+        self.finishing = self.finishing or answer == FINISH or (isinstance(answer, Drop) and answer.finish)
+        return answer
+
+    def result(self) -> Result:
+        return Result(x=self.x, history=self.history, logprob=self.logprob, steps_run=self.steps_run,
+                      forward_passes=self.forward_passes)
+
+
 def masked_logits(network: Dream, x: torch.Tensor, mask: torch.Tensor, attention_mask, position_ids) -> torch.Tensor:
     """Shifted logits of the masked positions, (total masks, V), in row-major order like
     `logits[mask]`; only those rows go through the lm_head."""
@@ -164,23 +184,20 @@ def denoise(
     callback: Callable[[Step], str | None] | None = None,
     keep_history: bool = False,
 ) -> Result:
-    cfg.check()
-    x = x.clone()
+    run = Denoising(x, cfg, callback, keep_history)
+    x = run.x
     B, N = x.shape
     device = x.device
-    history = [] if keep_history else None
-    logprob = torch.full((B, N), float("nan"), device=device)
     timesteps = torch.linspace(1, cfg.eps, cfg.steps + 1, device=device)
-    finishing = False
-    steps_run = 0
     for i in range(cfg.steps):
         mask = x == mask_id
         if not mask.any():  # (origin can reveal everything early) the reference's later steps
-            if history is not None:  # change nothing: record them without running the model
-                history.append(x.clone())
+            if run.history is not None:  # change nothing: record them without running the model
+                run.history.append(x.clone())
             continue
-        last = finishing or i == cfg.steps - 1
+        last = run.finishing or i == cfg.steps - 1
         logits = masked_logits(network, x, mask, attention_mask, position_ids)
+        run.forward_passes += 1
         t, s = timesteps[i], timesteps[i + 1]
         before = x.clone()
         if cfg.alg == "origin":
@@ -206,23 +223,16 @@ def denoise(
                 rows = torch.arange(B, device=device).unsqueeze(1).expand_as(chosen)
                 x[rows, chosen] = proposal[rows, chosen]
         revealed = (before != x)
-        if revealed.any():
-            # log-probabilities of what was revealed, from the untempered distribution
+        if revealed.any():  # log-probabilities of what was revealed, from the untempered distribution
             lp_all = torch.full((B, N), float("nan"), device=device)
-            lp_all[mask] = torch.log_softmax(logits, dim=-1).gather(
-                -1, x[mask].clamp(max=logits.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
-            logprob[revealed] = lp_all[revealed]
-        steps_run += 1
-        if history is not None:
-            history.append(x.clone())
-        if callback is not None:
-            answer = callback(Step(i, cfg.steps, x, revealed, int((x == mask_id).sum())))
-            # a batch's callback may answer fast.Drop: here the dropped rows are still computed
-            # (their results are ignored), and Drop(finish=True) finishes as FINISH does
-            finishing = finishing or answer == FINISH or getattr(answer, "finish", False)
+            lp_all[mask] = token_logprobs(logits, x[mask])
+            run.logprob[revealed] = lp_all[revealed]
+        # a batch's callback may answer Drop: here the dropped rows are still computed (their
+        # results are ignored), and Drop(finish=True) finishes as FINISH does
+        run.after_step(i, before, int((x == mask_id).sum()))
         if last:
             break
-    return Result(x=x, history=history, logprob=logprob, steps_run=steps_run, forward_passes=steps_run)
+    return run.result()
 
 
 def generate(

@@ -22,12 +22,10 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import Checkpoint
 from ..errors import InputError, TooLarge
-from ..rpc.protocol import Sampling
-from .sampler import Result, SamplerConfig, Step, denoise
-
-DECODINGS = ("exact", "fast")
+from .checkpoint import Checkpoint
+from .options import DECODINGS, Limits, Options, fast_config, sampler_config
+from .sampler import Result, Step, denoise
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 QUERIES = {
@@ -38,43 +36,12 @@ QUERIES = {
 END_TOKENS = ("<|endoftext|>", "<|dlm_pad|>", "<|im_end|>")
 
 
-# How to denoise one request: the protocol's Sampling (steps=None means one step per canvas
-# token, the reference-equivalent and most careful setting).
-Options = Sampling
-
-
-def sampler_config(opts: Options, canvas: int) -> SamplerConfig:
-    """The sampler's settings for a canvas of `canvas` masks; a canvas other than
-    max_new_tokens (--lengths, refine) keeps the same tokens per step."""
-    steps = opts.steps if opts.steps is not None else canvas
-    if opts.steps is not None and canvas != opts.max_new_tokens:
-        steps = max(1, math.ceil(canvas * opts.steps / opts.max_new_tokens))
-    return SamplerConfig(steps=steps, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p,
-                         top_k=opts.top_k, alg_temp=opts.alg_temp, eps=opts.eps)
-
-
-def fast_config(opts: Options, end_ids: tuple[int, ...] = ()):
-    from .fast import DEFAULT_THRESHOLD, FastConfig
-
-    return FastConfig(threshold=DEFAULT_THRESHOLD if opts.threshold is None else opts.threshold,
-                      block_size=opts.block_size, end_ids=end_ids)
-
-
 def _keep_last(ids: list[int], n: int, stride: int = 1) -> list[int]:
     """The last n ids; with a stride, the ones left after dropping whole strides from the front."""
     drop = len(ids) - n
     if drop <= 0:
         return ids
     return ids[-(-drop // stride) * stride:]
-
-
-@dataclass
-class Limits:
-    max_canvas_tokens: int = 1024  # masks in one request
-    max_context_tokens: int = 4096  # code before + after sent to the model; the rest is cut
-    prefix_share: float = 0.75  # of the context budget, for the code before the cursor
-    max_text_chars: int = 1_000_000  # characters of before, after or span one request may send
-    max_lengths: int = 8  # canvas sizes one infill may try
 
 
 # Text beyond this many characters per token of budget is cut before tokenizing, so a huge file
@@ -161,6 +128,17 @@ class Candidate:
 
 
 @dataclass
+class Context:
+    """How much of the code around the region the model saw: tokens kept on each side, and the
+    characters cut from each side's far end to fit the context limit and the caller's budget."""
+
+    before_tokens: int
+    after_tokens: int
+    before_chars_cut: int
+    after_chars_cut: int
+
+
+@dataclass
 class Answer:
     text: str  # the new text for the region (completion, middle, or rewritten span)
     tokens: list[str]  # the region's tokens, as text
@@ -168,6 +146,9 @@ class Answer:
     steps_run: int
     forward_passes: int
     candidates: list[Candidate] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the region's token ids
+    context: Context | None = None  # None where no text context was given (Engine.generate)
+    history: list[list[int]] | None = None  # Engine.generate(keep_history=True): the sequence after each step
 
 
 def _score(logprobs: list[float]) -> float:
@@ -221,6 +202,12 @@ class Tasks:
             keep_b = total - keep_a
             b, a = _keep_last(b, keep_b, stride), a[:keep_a]
         return b, a
+
+    def _kept(self, before: str, after: str, b: list[int], a: list[int]) -> Context:
+        """What the model saw of `before` and `after` (kept as ids b and a), in tokens and characters cut."""
+        return Context(before_tokens=len(b), after_tokens=len(a),
+                       before_chars_cut=max(0, len(before) - len(self.tok.decode(b))),
+                       after_chars_cut=max(0, len(after) - len(self.tok.decode(a))))
 
     @property
     def template_tokens(self) -> int:
@@ -312,11 +299,12 @@ class Tasks:
         """Number of tokens before the first end token."""
         return next((i for i, t in enumerate(ids) if t in self.end_ids), len(ids))
 
-    def answer(self, ids: list[int], conf: list[float], result: Result, candidates=()) -> Answer:
+    def answer(self, ids: list[int], conf: list[float], result: Result, candidates=(),
+               context: Context | None = None) -> Answer:
         pieces = [self.tok.decode([i], skip_special=True) for i in ids]
         return Answer(text=self.tok.decode(ids, skip_special=True), tokens=pieces, confidence=conf,
                       steps_run=result.steps_run, forward_passes=result.forward_passes,
-                      candidates=list(candidates))
+                      candidates=list(candidates), ids=list(ids), context=context)
 
     # --- tasks ---------------------------------------------------------------------------
 
@@ -346,18 +334,20 @@ class Tasks:
         sizes = sorted(set(lengths)) if lengths else [opts.max_new_tokens]
         best, candidates = None, []
         stride = fast_config(opts).context_chunk if self.uses_prefix_cache(opts) else 1
-        for ids, start, n in self.plan_infill(task, before, after, sizes, budget, stride):
+        plans, kept = self.plan_infill(task, before, after, sizes, budget, stride)
+        for ids, start, n in plans:
             result = self._run(ids, opts, n, callback, slice(start, start + n), group, cut_at_end=True)
             found = self.candidate(result.x[0], result.logprob[0], start, n)
             candidates.append(found[0])
             if best is None or found[0].score > best[0].score:
                 best = (*found, result)
         cand, region, conf, result = best
-        return self.answer(region, conf, result, candidates if len(sizes) > 1 else ())
+        return self.answer(region, conf, result, candidates if len(sizes) > 1 else (), kept)
 
-    def plan_infill(self, task: str, before: str, after: str, sizes: list[int],
-                    budget=(None, None), stride: int = 1) -> list[tuple[list[int], int, int]]:
-        """(sequence ids, region start, canvas size) for each canvas size; checks the limits."""
+    def plan_infill(self, task: str, before: str, after: str, sizes: list[int], budget=(None, None),
+                    stride: int = 1) -> tuple[list[tuple[list[int], int, int]], Context]:
+        """(sequence ids, region start, canvas size) for each canvas size, and the context kept;
+        checks the limits."""
         for n in sizes:
             self._check_canvas(n)
         b, a = self._context(before, after, budget, reserve=max(sizes) + self.template_tokens, stride=stride)
@@ -366,7 +356,7 @@ class Tasks:
             ids, start = self._layout(task, b, [self.ckpt.mask_id] * n, a)
             self._check_sequence(len(ids))
             plans.append((ids, start, n))
-        return plans
+        return plans, self._kept(before, after, b, a)
 
     def candidate(self, x: torch.Tensor, logprob: torch.Tensor, start: int, n: int):
         """From a denoised row: the Candidate, the kept region ids and their confidences."""
@@ -430,11 +420,10 @@ class Tasks:
                 continue
             ids_out.append(t)
             conf.append(math.exp(new_lp[i] if i in redone else lp[i]))
+        ans = self.answer(ids_out, conf, result, context=self._kept(before, after, b, a))
         if ids_out == s:  # unchanged: hand back the caller's exact text
-            ans = self.answer(ids_out, conf, result)
             ans.text = span
-            return ans
-        return self.answer(ids_out, conf, result)
+        return ans
 
 
 def locate(text: str, line: int, column: int) -> int:

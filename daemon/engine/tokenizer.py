@@ -44,10 +44,9 @@ CHATML_TEMPLATE = (
 class Tokenizer:
     """Text <-> token ids for one checkpoint directory. Safe to share between threads."""
 
-    def __init__(self, backend: _Backend, chat_template: str | None = None):
+    def __init__(self, backend: _Backend):
         self._backend = backend
         self._lock = threading.Lock()  # guards the encode_special_tokens switch
-        self.chat_template = chat_template
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -70,10 +69,8 @@ class Tokenizer:
         config_file = path / "tokenizer_config.json"
         config = _read_json(config_file, dict) if config_file.is_file() else {}
         _add_tokens(backend, _added_tokens(path, config))
-        template = config.get("chat_template")
-        if template is None and (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(backend, template if isinstance(template, str) else None)
+        # (a checkpoint's chat_template is not read: tasks.py lays out ChatML prompts itself)
+        return cls(backend)
 
     def encode(self, text: str) -> list[int]:
         """Ids of user text. Special-token strings in it are encoded as plain text."""
@@ -100,10 +97,6 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids, added tokens included (the model's embedding may be larger)."""
         return self._backend.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def has_chat_template(self) -> bool:
-        return self.chat_template is not None
 
     @property
     def backend(self) -> _Backend:

@@ -27,7 +27,7 @@ from .spawn import Spawner, SpawnOptions
 from .protocol import (NOTIFICATION, REQUEST, RESPONSE, CompleteParams, ErrorCode, InfillParams,
                        RefineParams, RPCError, TaskResult, to_wire)
 
-__all__ = ["DaemonClient", "DaemonUnavailable", "ReconnectingClient", "SpawnOptions"]
+__all__ = ["DaemonClient", "DaemonUnavailable", "ReconnectingClient", "SpawnOptions", "probe"]
 
 log = logging.getLogger("diffucode.client")
 
@@ -128,7 +128,7 @@ class DaemonClient(_Methods):
                 await self.request("auth", {"token": token}, timeout=max(deadline - time.monotonic(), 1.0))
             except (DiffucodeError, TimeoutError) as e:  # no token file; no answer to `auth`
                 await self.close()
-                raise DaemonUnavailable(str(e)) from e
+                raise DaemonUnavailable(str(e), listening=True) from e
             except BaseException:
                 await self.close()
                 raise
@@ -396,3 +396,23 @@ def _task_result(result) -> TaskResult:
         return TaskResult(**{k: v for k, v in result.items() if k in names})
     except (AttributeError, TypeError) as e:
         raise RPCError(ErrorCode.INTERNAL, f"malformed result from the daemon ({e}): {result!r:.200}") from e
+
+
+async def probe(address: Address, timeout: float = 1.0) -> dict | None:
+    """The status of a daemon already listening at `address` (`diffucode status`, `serve` finding
+    the address taken): its Status map, {"error": why} when something listens there but gives no
+    status, or None when nobody listens. Never spawns."""
+    client = DaemonClient(address, connect_timeout=timeout)
+    connected = False
+    try:
+        await client.connect()
+        connected = True
+        return await client.status(timeout=timeout)
+    except DaemonUnavailable as e:  # nobody there, or it went away before it answered
+        return {"error": str(e)} if e.listening or connected else None
+    except RPCError as e:
+        return {"error": e.message}
+    except TimeoutError:
+        return {"error": "the daemon did not answer"}
+    finally:
+        await client.close()

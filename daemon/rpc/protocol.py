@@ -80,34 +80,25 @@ class RPCError(Exception):
 
 # --- parameters -------------------------------------------------------------------------------
 
-# The reference's effective top-k: Dream's diffusion_generate builds its generation config from
-# the model config, which under transformers 4.51.3 carries the legacy default top_k = 50. Top-k
-# never changes the argmax but renormalises the probabilities, hence the confidences and the
-# reveal order, in greedy decoding too. 0 means no top-k, as in transformers.
-DEFAULT_TOP_K = 50
-
 @dataclass
 class Sampling:
-    """Sampler options shared by the task methods (see daemon/sampler.py)."""
+    """Sampler options of the task methods. A field not sent (or nil) takes the daemon's default,
+    which is the engine's (daemon/engine/options.py `Options`, where each is explained): the wire
+    restates none of them. 0 turns top_k off; top_p 1 turns nucleus filtering off."""
 
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None  # the canvas
     steps: int | None = None
-    alg: str = "entropy"
-    temperature: float = 0.0
+    alg: str | None = None  # origin | maskgit_plus | topk_margin | entropy
+    temperature: float | None = None  # 0: greedy
     top_p: float | None = None
-    top_k: int | None = DEFAULT_TOP_K  # 0 or None: no top-k
-    alg_temp: float | None = 0.0
-    eps: float = 1e-3
-    seed: int = 0
-    # "exact": the reference sampler, a full forward per step. "fast": block-wise decoding on a
-    # dual KV cache, revealing every token at least `threshold` probable (daemon/fast.py).
-    # None: the receiver's default (the daemon's `serve --decoding`; exact in the CLI).
-    decoding: str | None = None
-    threshold: float | None = None  # fast: None = the default (daemon/fast.py DEFAULT_THRESHOLD)
-    block_size: int = 32  # fast: positions decoded together against the cache
-    # fast: encode the far context (before the cursor) chunk-causally and reuse its K/V for the
-    # group's next request (daemon/kvcache.py); None: the receiver's default (`serve --prefix-cache`)
-    prefix_cache: bool | None = None
+    top_k: int | None = None  # 0: off
+    alg_temp: float | None = None
+    eps: float | None = None
+    seed: int | None = None
+    decoding: str | None = None  # exact | fast (`serve --decoding`)
+    threshold: float | None = None  # fast: reveal every token at least this probable
+    block_size: int | None = None  # fast: positions decoded together against the cache
+    prefix_cache: bool | None = None  # fast: reuse the group's far context (`serve --prefix-cache`)
 
 
 @dataclass
@@ -255,38 +246,3 @@ def from_wire(cls, params, where: str = "params"):
 
 def to_wire(obj) -> dict:
     return dataclasses.asdict(obj)
-
-
-# --- the language server's own methods (LSP, JSON) -------------------------------------------
-# Custom requests and notifications between the editor and `diffucode lsp`, beside the standard
-# textDocument/inlineCompletion. Ranges and positions are LSP's (0-based, UTF-16 columns).
-#
-# diffucode/fillSelection   client -> server, request.
-#     params {textDocument: {uri}, range}  ->  {edits: [{range, text}], version}
-#     The selected range is re-written by the model (a canvas about the selection's size);
-#     `version` is the document version the edits apply to. Errors: the daemon's, as LSP errors.
-# diffucode/refineFunction  client -> server, request.
-#     params {textDocument: {uri}, position}  ->  {edits: [{range, text}], version, range,
-#     lines: [{line, confidence}]}: the enclosing function (Python through `ast`, others by
-#     indentation and braces), its least confident tokens re-masked and denoised; `lines` gives
-#     a confidence in [0, 1] per line of the new text (line numbers in the document after the edit).
-# diffucode/status          client -> server, request. {} -> EditorStatus (below).
-# diffucode/statusChanged   server -> client, notification. EditorStatus.
-# diffucode/toggle          client -> server, notification. {enabled: bool}
-# diffucode/snooze          client -> server, notification. {minutes: number} (0 wakes up)
-# diffucode/didShowCompletion, diffucode/didAcceptCompletion, diffucode/didRejectCompletion
-#                           client -> server, notifications. {uri, text}. Logged locally and used
-#                           to tune the debounce; nothing leaves the machine.
-#
-# EditorStatus: {state: "starting" | "ready" | "busy" | "error" | "down" | "disabled" | "snoozed",
-#                message, model, lastLatencyMs, snoozedUntil (epoch ms), enabled}
-
-LSP_FILL_SELECTION = "diffucode/fillSelection"
-LSP_REFINE_FUNCTION = "diffucode/refineFunction"
-LSP_STATUS = "diffucode/status"
-LSP_STATUS_CHANGED = "diffucode/statusChanged"
-LSP_TOGGLE = "diffucode/toggle"
-LSP_SNOOZE = "diffucode/snooze"
-LSP_DID_SHOW = "diffucode/didShowCompletion"
-LSP_DID_ACCEPT = "diffucode/didAcceptCompletion"
-LSP_DID_REJECT = "diffucode/didRejectCompletion"

@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-import msgpack
 
 from ..rpc.address import EXIT_ADDRESS_TAKEN, Address
 from ..errors import DiffucodeError
-from ..rpc.protocol import REQUEST
+from ..rpc.client import DaemonClient, probe
+from ..rpc.protocol import RPCError
 
 log = logging.getLogger("diffucode.serve")
 
@@ -45,23 +45,16 @@ def try_lock(path: Path):
 
 
 async def ask_shutdown(address: Address) -> None:
-    if address.is_tcp:
-        reader, writer = await asyncio.open_connection(address.host, address.port)
-        writer.write(msgpack.packb([REQUEST, 0, "auth", {"token": address.read_token()}]))
-    else:
-        reader, writer = await asyncio.open_unix_connection(str(address.socket))
-    writer.write(msgpack.packb([REQUEST, 1, "shutdown", {}]))
-    await writer.drain()
+    client = DaemonClient(address, connect_timeout=5.0)
     try:
-        await asyncio.wait_for(reader.read(65536), 5)
+        await client.connect()
+        await client.shutdown(timeout=5.0)
     finally:
-        writer.close()
+        await client.close()
 
 
 def take_address(address: Address, replace: bool):
     """Lock the address for this process, replacing a running daemon when asked."""
-    from .server import probe
-
     lock = try_lock(lock_path(address))
     if lock is None:
         status = asyncio.run(probe(address)) or {}
@@ -74,7 +67,7 @@ def take_address(address: Address, replace: bool):
         log.info("asking the daemon at %s to shut down (%s)", address, who)
         try:
             asyncio.run(ask_shutdown(address))
-        except (OSError, DiffucodeError) as e:
+        except (OSError, DiffucodeError, RPCError) as e:
             log.warning("could not ask it to shut down: %s", e)
         deadline = time.monotonic() + 30
         while (lock := try_lock(lock_path(address))) is None:
@@ -139,7 +132,7 @@ def serve(args, address: Address) -> int:
     at_entry = seconds_since_exec()  # the interpreter and diffucode's light modules
     from .reload import ModelState  # torch, here
     from .server import DaemonServer, ServerLimits
-    from ..engine.tasks import Limits
+    from ..engine.options import Limits
 
     level = (args.log_level or os.environ.get("DIFFUCODE_LOG") or "INFO").upper()
     logging.basicConfig(level=level, stream=sys.stderr,

@@ -13,15 +13,17 @@ import threading
 import time
 from pathlib import Path
 
-from ..engine.checkpoint import load_checkpoint, resolve_path
-from ..engine.tasks import Limits, Tasks
+from ..engine.api import Engine
+from ..engine.options import DEFAULT_DECODING, Limits
+from ..engine.tasks import Tasks
+from ..engine.weights import resolve_path
 
 log = logging.getLogger("diffucode.model")
 
 
 class ModelState:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", prompt_format: str = "auto",
-                 limits: Limits | None = None, quantize: str = "none", decoding: str = "exact",
+                 limits: Limits | None = None, quantize: str = "none", decoding: str = DEFAULT_DECODING,
                  cuda_graphs: bool = False, prefix_cache: bool = False):
         self.source = model
         self._load_args = (device, dtype, prompt_format, limits, quantize, decoding, cuda_graphs, prefix_cache)
@@ -34,9 +36,8 @@ class ModelState:
 
     def _load(self) -> Tasks:
         device, dtype, prompt_format, limits, quantize, decoding, cuda_graphs, prefix_cache = self._load_args
-        ckpt = load_checkpoint(self.source, device, dtype, quantize=quantize)
-        return Tasks(ckpt, prompt_format, limits, decoding=decoding,
-                     cuda_graphs=cuda_graphs and ckpt.device.type == "cuda", prefix_cache=prefix_cache)
+        return Engine.load(self.source, device, dtype, quantize, decoding, prompt_format=prompt_format, limits=limits,
+                           cuda_graphs=cuda_graphs, prefix_cache=prefix_cache).tasks
 
     @property
     def device(self) -> str:

@@ -20,16 +20,23 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..engine.options import Options
 from ..errors import Cancelled, DiffucodeError, TooLarge
-from ..rpc.protocol import ErrorCode, RPCError, TaskResult
+from ..rpc.protocol import ErrorCode, RPCError, Sampling, TaskResult
 
 log = logging.getLogger("diffucode.scheduler")
+
+
+def options_of(sampling: Sampling) -> Options:
+    """The wire's sampling fields as the engine's Options: a field not sent takes the engine's default."""
+    return Options(**{k: v for k, v in vars(sampling).items() if v is not None})
 
 
 @dataclass(eq=False)
 class Job:
     method: str  # complete | infill | refine
     params: Any  # the protocol's params dataclass
+    opts: Options  # its sampling, as the engine takes it
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     on_progress: Callable[[dict], None] | None = None
@@ -64,9 +71,10 @@ class Scheduler:
     def submit(self, method: str, params, on_progress=None) -> Job:
         """Queue a job; raises RPCError(OVERLOADED) when the queue is full, and INVALID_PARAMS or
         TOO_LARGE for options or text out of bounds (checked here, before the job takes a place)."""
-        self._check(params)
+        opts = options_of(params.sampling)
+        self._check(params, opts)
         loop = asyncio.get_running_loop()
-        job = Job(method, params, loop, loop.create_future(), on_progress)
+        job = Job(method, params, opts, loop, loop.create_future(), on_progress)
         with self._wake:
             group = params.group
             if group is not None and group in self.groups:
@@ -82,7 +90,7 @@ class Scheduler:
             self._wake.notify()
         return job
 
-    def _check(self, params) -> None:
+    def _check(self, params, opts: Options) -> None:
         try:
             tasks = self.get_tasks()
         except Exception:  # no model right now: the job reports it when it runs
@@ -93,7 +101,7 @@ class Scheduler:
             raise RPCError(ErrorCode.INVALID_PARAMS, f"deadline_ms must be >= 0, got {params.deadline_ms}")
         texts = {k: getattr(params, k) for k in ("before", "after", "span") if hasattr(params, k)}
         try:
-            tasks.check(params.sampling, getattr(params, "lengths", None), **texts)
+            tasks.check(opts, getattr(params, "lengths", None), **texts)
         except TooLarge as e:
             raise RPCError(ErrorCode.TOO_LARGE, str(e)) from None
         except DiffucodeError as e:
@@ -144,13 +152,18 @@ class Scheduler:
             return []
         from ..engine.batching import batch_key  # here: the module imports torch
 
+        def key(j: Job):
+            p = j.params
+            shared = batch_key(tasks, j.method, j.opts, getattr(p, "lengths", None), (p.before_tokens, p.after_tokens))
+            # the earliest deadline finishes a whole batch: requests with one batch only together
+            return None if shared is None else (*shared, p.deadline_ms is not None)
+
         try:
             tasks = self.get_tasks()
-            key = batch_key(tasks, job.method, job.params)
-            if key is None:
+            mine = key(job)
+            if mine is None:
                 return []
-            mates = [j for j in self.pending if not j.cancelled.is_set()
-                     and batch_key(tasks, j.method, j.params) == key][:self.max_batch - 1]
+            mates = [j for j in self.pending if not j.cancelled.is_set() and key(j) == mine][:self.max_batch - 1]
         except DiffucodeError:  # e.g. an unknown decoding: the job runs alone and reports it
             return []
         for j in mates:
@@ -194,21 +207,21 @@ class Scheduler:
         from ..engine.batching import BatchItem, run_batch
 
         self.counters["batched"] += len(live)
-        items = [BatchItem(job.method, job.params.before, getattr(job.params, "after", ""), job.params.sampling,
+        items = [BatchItem(job.method, job.params.before, getattr(job.params, "after", ""), job.opts,
                            (job.params.before_tokens, job.params.after_tokens), watch.on_step,
                            getattr(job.params, "lengths", None)) for job, watch in zip(live, watches)]
         run_batch(tasks, items, lambda i, outcome: self._settle(live[i], outcome, watches[i], started))
 
     @staticmethod
     def _call(tasks, job: Job, on_step):
-        p = job.params
+        p, opts = job.params, job.opts
         budget = (p.before_tokens, p.after_tokens)
         if job.method == "complete":
-            return tasks.complete(p.before, p.sampling, callback=on_step, budget=budget, group=p.group)
+            return tasks.complete(p.before, opts, callback=on_step, budget=budget, group=p.group)
         if job.method == "infill":
-            return tasks.infill(p.before, p.after, p.sampling, lengths=p.lengths, callback=on_step, budget=budget,
+            return tasks.infill(p.before, p.after, opts, lengths=p.lengths, callback=on_step, budget=budget,
                                 group=p.group)
-        return tasks.refine(p.before, p.span, p.after, p.sampling, fraction=p.fraction, callback=on_step,
+        return tasks.refine(p.before, p.span, p.after, opts, fraction=p.fraction, callback=on_step,
                             budget=budget, group=p.group)
 
     def _settle(self, job: Job, outcome, watch: "_Watch", started: float) -> None:

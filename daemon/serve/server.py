@@ -14,15 +14,12 @@ import hmac
 import logging
 import os
 import resource
-import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgpack
 
 from ..rpc.address import Address, write_token
-from ..errors import InputError
 from ..rpc.protocol import (METHODS, NOTIFICATION, PROTOCOL_VERSION, REQUEST, RESPONSE, TASK_METHODS,
                        CancelParams, ErrorCode, RPCError, Status, from_wire, short, to_wire)
 from .scheduler import Scheduler
@@ -363,52 +360,3 @@ class DaemonServer:
 
 def rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-async def probe(address: Address, timeout: float = 1.0) -> dict | None:
-    """The status of a daemon already listening at address, or None when nobody answers."""
-    try:
-        if address.is_tcp:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(address.host, address.port), timeout)
-        else:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(address.socket)), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return None
-    try:
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        if address.is_tcp:
-            try:
-                token = address.read_token()
-            except InputError:
-                token = ""
-            writer.write(msgpack.packb([REQUEST, 0, "auth", {"token": token}]))
-        writer.write(msgpack.packb([REQUEST, 1, "status", {}]))
-        await writer.drain()
-        while True:
-            data = await asyncio.wait_for(reader.read(65536), timeout)
-            if not data:
-                return {"error": "the daemon closed the connection"}
-            unpacker.feed(data)
-            for msg in unpacker:
-                if isinstance(msg, list) and len(msg) == 4 and msg[0] == RESPONSE:
-                    if msg[2] is not None:
-                        return {"error": RPCError.from_wire(msg[2]).message}
-                    if msg[1] == 1:
-                        return msg[3]
-    except (OSError, asyncio.TimeoutError, ValueError):
-        return {"error": "the daemon did not answer"}
-    finally:
-        writer.close()
-
-
-def socket_in_use(path: Path) -> bool:
-    """True when something accepts connections on the Unix socket path."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(1.0)
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()

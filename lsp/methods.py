@@ -1,0 +1,34 @@
+"""The language server's own methods: custom requests and notifications (JSON) between the editor
+and `diffucode lsp`, beside the standard textDocument/inlineCompletion. Ranges and positions are
+LSP's: 0-based lines, columns in the position encoding negotiated at initialize.
+
+diffucode/fillSelection   client -> server, request.
+    params {textDocument: {uri}, range}  ->  {edits: [{range, text}], version}
+    The selected range is re-written by the model (a canvas about the selection's size);
+    `version` is the document version the edits apply to. Errors: the daemon's, as LSP errors.
+diffucode/refineFunction  client -> server, request.
+    params {textDocument: {uri}, position}  ->  {edits: [{range, text}], version, range,
+    lines: [{line, confidence}]}: the enclosing function (Python through `ast`, others by
+    indentation and braces), its least confident tokens re-masked and denoised; `lines` gives
+    a confidence in [0, 1] per line of the new text (line numbers in the document after the edit).
+diffucode/status          client -> server, request. {} -> EditorStatus (below).
+diffucode/statusChanged   server -> client, notification. EditorStatus.
+diffucode/toggle          client -> server, notification. {enabled: bool}
+diffucode/snooze          client -> server, notification. {minutes: number} (0 wakes up)
+diffucode/didShowCompletion, diffucode/didAcceptCompletion, diffucode/didRejectCompletion
+                          client -> server, notifications. {uri, text}. Logged locally and used
+                          to tune the debounce; nothing leaves the machine.
+
+EditorStatus: {state: "starting" | "ready" | "busy" | "error" | "down" | "disabled" | "snoozed",
+               message, model, lastLatencyMs, snoozedUntil (epoch ms), enabled}
+"""
+
+LSP_FILL_SELECTION = "diffucode/fillSelection"
+LSP_REFINE_FUNCTION = "diffucode/refineFunction"
+LSP_STATUS = "diffucode/status"
+LSP_STATUS_CHANGED = "diffucode/statusChanged"
+LSP_TOGGLE = "diffucode/toggle"
+LSP_SNOOZE = "diffucode/snooze"
+LSP_DID_SHOW = "diffucode/didShowCompletion"
+LSP_DID_ACCEPT = "diffucode/didAcceptCompletion"
+LSP_DID_REJECT = "diffucode/didRejectCompletion"

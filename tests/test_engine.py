@@ -1,0 +1,74 @@
+"""The public engine API: `from diffucode import Engine`, as a script or another tool uses it."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffucode import Engine
+from diffucode.daemon.engine.options import Options, SamplerConfig
+from diffucode.daemon.engine.sampler import generate
+from diffucode.daemon.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return Engine.load(tiny_dir, device="cpu", decoding="exact")
+
+
+def test_importing_diffucode_loads_no_torch_until_engine_is_used():
+    code = ("import sys, diffucode; before = 'torch' in sys.modules; diffucode.Engine; "
+            "print(before, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+
+
+def test_infill_takes_sampling_as_keywords_and_says_what_it_saw(engine, tasks):
+    before, after = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    ans = engine.infill(before, after, max_new_tokens=8)
+    same = tasks.infill(before, after, Options(max_new_tokens=8))  # the engine is the tasks, nothing added
+    assert (ans.text, ans.tokens, ans.confidence) == (same.text, same.tokens, same.confidence)
+    assert len(ans.ids) == len(ans.tokens) and ans.steps_run >= 1 and ans.forward_passes >= 1
+    assert ans.context.before_chars_cut == 0 and ans.context.after_chars_cut == 0
+    assert ans.context.before_tokens == len(engine.tasks.tok.encode(before))
+    assert ans.context.after_tokens == len(engine.tasks.tok.encode(after))
+
+
+def test_context_cut_is_reported_in_tokens_kept_and_characters_cut(engine):
+    before = "".join(f"x{i} = {i}\n" for i in range(300))
+    ans = engine.infill(before, "y = 1\n" * 50, max_new_tokens=4, budget=(20, 10))
+    ctx = ans.context
+    assert ctx.before_tokens <= 20 and ctx.after_tokens <= 10
+    assert ctx.before_chars_cut > len(before) // 2 and ctx.after_chars_cut > 200
+    kept = engine.tasks.tok.decode(engine.tasks.tok.encode(before[ctx.before_chars_cut:]))
+    assert before.endswith(kept)
+
+
+def test_unknown_or_bad_sampling_is_an_error_naming_it(engine):
+    with pytest.raises(InputError, match="unknown sampling option 'temprature'.*temperature"):
+        engine.infill("a", "b", temprature=0.5)
+    with pytest.raises(InputError, match="steps must be in \\[1, max_new_tokens = 4\\]"):
+        engine.complete("x = ", max_new_tokens=4, steps=9)
+
+
+def test_complete_and_refine(engine):
+    done = engine.complete("import os\n", max_new_tokens=6, decoding="fast")
+    assert done.forward_passes <= 6 and len(done.ids) <= 6
+    span = "    return a + b\n"
+    new = engine.refine("def add(a, b):\n", span, "\n", fraction=0.5)
+    assert new.context.before_tokens > 0 and len(new.tokens) == len(new.confidence)
+
+
+def test_generate_is_the_reference_sampler(engine, tiny_ckpt):
+    prompt = [5, 17, 99, 3]
+    (ans,) = engine.generate(prompt, max_new_tokens=8, steps=4, alg="entropy", keep_history=True)
+    ref = generate(tiny_ckpt.network, torch.tensor([prompt]), 8, tiny_ckpt.mask_id, SamplerConfig(steps=4))
+    assert ans.ids == ref.x[0, len(prompt):].tolist()
+    assert len(ans.history) == 4 and ans.history[-1] == prompt + ans.ids
+    # rows of different lengths: left-padded as the reference pads them, each row as it is alone
+    a, b = engine.generate([prompt, prompt[1:]], max_new_tokens=8, steps=4)
+    (alone,) = engine.generate(prompt[1:], max_new_tokens=8, steps=4)
+    assert a.ids == ans.ids and b.ids == alone.ids
+    with pytest.raises(InputError, match=f"each in 0..{tiny_ckpt.config.vocab_size - 1}; got \\[9999\\]"):
+        engine.generate([5, 9999], max_new_tokens=4)
