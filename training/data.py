@@ -30,32 +30,23 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import sys
-import sysconfig
 import tarfile
 import urllib.request
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
+
+# the split rules, shared with the quality measurements (diffucode.heldout)
+from diffucode import heldout
+from diffucode.heldout import DEFAULT_HOME, Doc, decode, package_held_out, stdlib_docs
 
 HERE = Path(__file__).resolve().parent
 MANIFEST = HERE / "packages.json"
-DEFAULT_HOME = Path(os.environ.get("DIFFUCODE_DATA", Path.home() / ".cache" / "diffucode" / "training-data"))
 
-STDLIB_SKIP = {"site-packages", "__pycache__", "idlelib", "lib2to3"}
 VENDORED = {"_vendor", "vendor", "vendored", "_vendored", "extern", "_extern"}
 MAX_BYTES = 300_000
 MAX_LINE = 1_000
 MAX_MEAN_LINE = 100
-HELD_OUT_EVERY = 10  # one package in ten (by hash of its name), one stdlib file in ten (by path)
-
-
-@dataclass
-class Doc:
-    source: str  # "stdlib" or the package's name
-    path: str  # inside the source
-    text: str
 
 
 def manifest(path: Path = MANIFEST) -> dict:
@@ -64,43 +55,6 @@ def manifest(path: Path = MANIFEST) -> dict:
 
 def manifest_sha256(path: Path = MANIFEST) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _bucket(key: str) -> int:
-    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % HELD_OUT_EVERY
-
-
-def package_held_out(name: str) -> bool:
-    return _bucket("package:" + name.lower()) == 0
-
-
-def stdlib_file_held_out(rel: str) -> bool:
-    """The split the first bundled model used (a hash of the path relative to the stdlib)."""
-    return _bucket(rel) == 0
-
-
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def stdlib_docs() -> list[tuple[bool, Doc]]:
-    root = stdlib_root()
-    out = []
-    for f in sorted(root.rglob("*.py")):
-        rel = f.relative_to(root)
-        if STDLIB_SKIP & set(rel.parts):
-            continue
-        text = _decode(f.read_bytes())
-        if text is not None:
-            out.append((stdlib_file_held_out(str(rel)), Doc("stdlib", str(rel), text)))
-    return out
-
-
-def _decode(data: bytes) -> str | None:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def skip_reason(path: str, text: str) -> str | None:
@@ -167,7 +121,7 @@ def build(cache: Path, out: Path, manifest_path: Path = MANIFEST, stdlib: bool =
     for entry in m["packages"]:
         held = package_held_out(entry["name"])
         for path, data in archive_members(fetch(entry, cache / "archives"), entry["filename"]):
-            text = _decode(data)
+            text = decode(data)
             if text is not None:
                 sources.append((held, Doc(entry["name"], path, text)))
     seen: set[str] = set()
@@ -212,10 +166,10 @@ def build(cache: Path, out: Path, manifest_path: Path = MANIFEST, stdlib: bool =
 
 
 def read_split(corpus: Path, split: str) -> list[Doc]:
-    path = corpus / f"{split}.jsonl"
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: build the corpus first (python training/data.py build --out {corpus})")
-    return [Doc(**json.loads(line)) for line in path.read_text().splitlines()]
+    try:
+        return heldout.read_split(corpus, split)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
 
 
 def pin(specs: list[str]) -> None:

@@ -36,9 +36,9 @@ CANDIDATES = {  # name: (vocab, hidden, layers, heads, kv heads, intermediate)
 def forward_ms(run: Path) -> float:
     """Median time of one inference forward pass over 1,024 tokens (fp32, this CPU)."""
     sys.path.insert(0, str(HERE.parent))
-    from diffucode.daemon.engine.checkpoint import load_checkpoint
+    from diffucode import Engine
 
-    net = load_checkpoint(run / "export", device="cpu", require_tokenizer=False).network
+    net = Engine.load(run / "export", device="cpu", require_tokenizer=False).checkpoint.network
     x = torch.randint(0, 1000, (1, 1024))
     times = []
     with torch.inference_mode():
