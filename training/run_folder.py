@@ -75,6 +75,7 @@ def create_run(args, run: Path) -> dict:
     (run / "config.json").write_text(json.dumps(model_config(args, tok), indent=2) + "\n")
     settings = {k: getattr(args, k) for k in ("seed", "total_steps", "batch", "lr", "warmup", "eps", "infill_prob",
                                                "weight_decay", "tokenizer_bytes")}
+    settings["batch"] = settings["batch"] or 8  # a new run's batch, unless --batch says otherwise
     (run / "run.json").write_text(json.dumps(settings, indent=1) + "\n")
     return settings
 

@@ -228,7 +228,8 @@ def main() -> int:
     g.add_argument("--intermediate", type=int, default=704)
     g.add_argument("--seq-len", type=int, default=1024, help="positions of the model and windows (1024)")
     g.add_argument("--total-steps", type=int, default=8000, help="steps the learning-rate schedule spans")
-    g.add_argument("--batch", type=int, default=8, help="windows per step")
+    g.add_argument("--batch", type=int, default=None,
+                   help="windows per step (8 for a new run; a continued run keeps its own unless given)")
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--warmup", type=int, default=200)
     g.add_argument("--weight-decay", type=float, default=0.1)
