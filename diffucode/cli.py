@@ -331,7 +331,8 @@ def cmd_infill(args) -> int:
     if args.json:
         print(json.dumps({"middle": ans.text, "line": args.line, "column": args.column,
                           "tokens": ans.tokens, "confidence": ans.confidence,
-                          "steps": ans.steps_run, "prompt_format": engine.tasks.prompt_format,
+                          "steps": ans.steps_run, "order": ans.order, "ar_ness": ans.ar_ness,
+                          "prompt_format": engine.tasks.prompt_format,
                           "candidates": [vars(c) for c in ans.candidates]}))
     else:
         sys.stdout.write(ans.text + ("" if ans.text.endswith("\n") else "\n"))
@@ -362,7 +363,8 @@ def cmd_refine(args) -> int:
     diff = "".join(difflib.unified_diff(_lines(text), _lines(new_text), f"a/{name}", f"b/{name}"))
     if args.json:
         print(json.dumps({"text": ans.text, "diff": diff, "lines": [first, last], "tokens": ans.tokens,
-                          "confidence": ans.confidence, "prompt_format": engine.tasks.prompt_format}))
+                          "confidence": ans.confidence, "order": ans.order, "ar_ness": ans.ar_ness,
+                          "prompt_format": engine.tasks.prompt_format}))
     else:
         sys.stdout.write(diff)
     return 0

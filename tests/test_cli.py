@@ -67,6 +67,7 @@ def test_infill_prints_a_middle_and_leaves_the_file_alone(tiny_dir, source):
                "--json")
     out = json.loads(proc.stdout)
     assert out["middle"] == "".join(out["tokens"]) and len(out["tokens"]) <= 10
+    assert len(out["order"]) == len(out["tokens"]) and set(out["ar_ness"]) == {"local", "global"}
     assert digest(source) == before
     text = run("infill", "--model", tiny_dir, source, "--line", 7, "--column", 9,
                "--max-new-tokens", 10).stdout

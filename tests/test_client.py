@@ -143,7 +143,8 @@ def test_infill_round_trip_with_progress(daemon):
         params = InfillParams(before="def add(a, b):\n    return ", after="\n", sampling=SHORT)
         result = await client.infill(params)
         assert isinstance(result, TaskResult) and result.steps == SHORT.max_new_tokens
-        assert len(result.tokens) == len(result.confidence) and isinstance(result.text, str)
+        assert len(result.tokens) == len(result.confidence) == len(result.order) and isinstance(result.text, str)
+        assert set(result.ar_ness) == {"local", "global"}
 
         updates = []
         again = await client.infill(params, on_progress=updates.append)

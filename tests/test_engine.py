@@ -72,3 +72,30 @@ def test_generate_is_the_reference_sampler(engine, tiny_ckpt):
     assert a.ids == ans.ids and b.ids == alone.ids
     with pytest.raises(InputError, match=f"each in 0..{tiny_ckpt.config.vocab_size - 1}; got \\[9999\\]"):
         engine.generate([5, 9999], max_new_tokens=4)
+
+
+def test_answers_record_the_order_of_decoding(engine):
+    ans = engine.infill("def add(a, b):\n    return ", "\n", max_new_tokens=8, decoding="exact")
+    # the reference schedule reveals int(masks * (1 - s/t)) a step (0 at some steps, the rest at the last)
+    assert len(ans.order) == len(ans.tokens) and all(0 <= s < ans.steps_run for s in ans.order)
+    assert ans.steps_run == 8 and len(set(ans.order)) >= len(ans.order) // 2
+    assert set(ans.ar_ness) == {"local", "global"} and all(0 <= v <= 1 for v in ans.ar_ness.values())
+    fast = engine.infill("def add(a, b):\n    return ", "\n", max_new_tokens=8, decoding="fast", threshold=0.01)
+    assert max(fast.order, default=0) < fast.forward_passes  # several tokens a step: fewer steps than tokens
+    span = "    return a + b\n"
+    new = engine.refine("def add(a, b):\n", span, "\n", fraction=0.5)
+    assert -1 in new.order and len(new.order) == len(new.tokens)  # the kept half was never re-decoded
+
+
+@pytest.mark.parametrize("order, local, global_", [
+    ([0, 1, 2, 3], 1.0, 1.0),  # left to right
+    ([3, 2, 1, 0], 0.25, 0.25),  # right to left: only the last token touches known code, at the left end
+    ([0, 0, 1, 1], 1.0, 1.0),  # two at a time, left to right
+    ([1, 0, 2, 3], 0.75, 0.75),  # the second token first
+    ([-1, 0, -1, 1], 1.0, 1.0),  # a refinement: kept tokens count as known
+    ([-1, -1], 1.0, 1.0),  # nothing revealed
+])
+def test_ar_ness_as_the_paper_defines_it(order, local, global_):
+    from diffucode.daemon.engine.order import ar_ness
+
+    assert ar_ness(order) == {"local": local, "global": global_}

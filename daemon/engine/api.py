@@ -22,6 +22,7 @@ import torch
 from ..errors import InputError
 from .checkpoint import Checkpoint, load_checkpoint
 from .options import DEFAULT_DECODING, Limits, Options, options, sampler_config
+from .order import ar_ness
 from .sampler import Step
 from .sampler import generate as reference_generate
 from .tasks import Answer, Tasks
@@ -120,5 +121,6 @@ class Engine:
                 tokens=[tok.decode([i], skip_special=True) for i in new] if tok else [str(i) for i in new],
                 confidence=result.logprob[b, width:].exp().nan_to_num(1.0).tolist(),
                 steps_run=result.steps_run, forward_passes=result.forward_passes, ids=new,
+                order=(order := result.order[b, width:].tolist()), ar_ness=ar_ness(order),
                 history=[h[b, width - len(row):].tolist() for h in result.history] if keep_history else None))
         return answers

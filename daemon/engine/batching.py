@@ -112,5 +112,5 @@ def run_batch(tasks, items: list[BatchItem], settle: Callable[[int, object], Non
             settle(rows[r], e)
         return
     for r in sorted(alive):
-        cand, region, conf = tasks.candidate(result.x[r], result.logprob[r], starts[r], n)
-        settle(rows[r], tasks.answer(region, conf, result))
+        cand, region, conf, order = tasks.candidate(result, r, starts[r], n)
+        settle(rows[r], tasks.answer(region, conf, result, order))

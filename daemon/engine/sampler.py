@@ -57,6 +57,7 @@ class Result:
     logprob: torch.Tensor  # (B, N) float32 log-probability (untempered) of each revealed token; nan elsewhere
     steps_run: int
     forward_passes: int
+    order: torch.Tensor | None = None  # (B, N) int: the step that revealed each position; -1 where none did
 
 
 def top_p_logits(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -138,12 +139,14 @@ class Denoising:
         self.callback = callback
         self.history: list[torch.Tensor] | None = [] if keep_history else None
         self.logprob = torch.full(x.shape, float("nan"), device=x.device)
+        self.order = torch.full(x.shape, -1, dtype=torch.int32, device=x.device)
         self.steps_run = self.forward_passes = 0
         self.finishing = False
 
     def after_step(self, index: int, before: torch.Tensor, masks_left: int):
         """A step has changed the canvas from `before`: count it, record it, and ask the callback.
         Returns its answer (None, FINISH or a Drop), having noted a request to finish."""
+        self.order[before != self.x] = self.steps_run
         self.steps_run += 1
         if self.history is not None:
             self.history.append(self.x.clone())
@@ -155,7 +158,7 @@ class Denoising:
 
     def result(self) -> Result:
         return Result(x=self.x, history=self.history, logprob=self.logprob, steps_run=self.steps_run,
-                      forward_passes=self.forward_passes)
+                      forward_passes=self.forward_passes, order=self.order)
 
 
 def masked_logits(network: Dream, x: torch.Tensor, mask: torch.Tensor, attention_mask, position_ids) -> torch.Tensor:

@@ -24,7 +24,8 @@ import torch
 
 from ..errors import InputError, TooLarge
 from .checkpoint import Checkpoint
-from .options import DECODINGS, Limits, Options, fast_config, sampler_config
+from .options import DECODINGS, Limits, Options, SamplerConfig, fast_config, sampler_config
+from .order import ar_ness
 from .sampler import Result, Step, denoise
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -64,6 +65,8 @@ def check_options(opts: Options, limits: Limits, lengths: list[int] | None = Non
     names the option, the value and the limit (InputError; TooLarge for sizes over a limit)."""
     for name in ("temperature", "top_p", "alg_temp", "eps", "threshold"):
         _finite(name, getattr(opts, name))
+    if opts.decoding is not None and opts.decoding not in DECODINGS:
+        raise InputError(f"decoding {opts.decoding!r} is unknown (use exact or fast)")
     for name in ("temperature", "alg_temp"):
         v = getattr(opts, name) or 0.0
         if v and not MIN_TEMPERATURE <= v <= MAX_TEMPERATURE:
@@ -84,6 +87,8 @@ def check_options(opts: Options, limits: Limits, lengths: list[int] | None = Non
         raise InputError(f"block_size must be in [1, {limits.max_canvas_tokens}], got {opts.block_size}")
     if opts.top_k is not None and opts.top_k < 0:
         raise InputError(f"top_k must be >= 0 (0: no top-k), got {opts.top_k}")
+    SamplerConfig(steps=1, alg=opts.alg, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
+                  alg_temp=opts.alg_temp, eps=opts.eps).check()  # alg, eps and top_p ranges
     if lengths is not None:
         if not lengths:
             raise InputError("lengths is empty: give at least one canvas size, or none")
@@ -147,6 +152,8 @@ class Answer:
     forward_passes: int
     candidates: list[Candidate] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)  # the region's token ids
+    order: list[int] = field(default_factory=list)  # per token, the step that revealed it (-1: kept as it was)
+    ar_ness: dict = field(default_factory=dict)  # {"local", "global"}: how left-to-right the order was (order.py)
     context: Context | None = None  # None where no text context was given (Engine.generate)
     history: list[list[int]] | None = None  # Engine.generate(keep_history=True): the sequence after each step
 
@@ -299,12 +306,13 @@ class Tasks:
         """Number of tokens before the first end token."""
         return next((i for i, t in enumerate(ids) if t in self.end_ids), len(ids))
 
-    def answer(self, ids: list[int], conf: list[float], result: Result, candidates=(),
+    def answer(self, ids: list[int], conf: list[float], result: Result, order: list[int], candidates=(),
                context: Context | None = None) -> Answer:
         pieces = [self.tok.decode([i], skip_special=True) for i in ids]
         return Answer(text=self.tok.decode(ids, skip_special=True), tokens=pieces, confidence=conf,
                       steps_run=result.steps_run, forward_passes=result.forward_passes,
-                      candidates=list(candidates), ids=list(ids), context=context)
+                      candidates=list(candidates), ids=list(ids), order=order, ar_ness=ar_ness(order),
+                      context=context)
 
     # --- tasks ---------------------------------------------------------------------------
 
@@ -337,12 +345,12 @@ class Tasks:
         plans, kept = self.plan_infill(task, before, after, sizes, budget, stride)
         for ids, start, n in plans:
             result = self._run(ids, opts, n, callback, slice(start, start + n), group, cut_at_end=True)
-            found = self.candidate(result.x[0], result.logprob[0], start, n)
+            found = self.candidate(result, 0, start, n)
             candidates.append(found[0])
             if best is None or found[0].score > best[0].score:
                 best = (*found, result)
-        cand, region, conf, result = best
-        return self.answer(region, conf, result, candidates if len(sizes) > 1 else (), kept)
+        cand, region, conf, order, result = best
+        return self.answer(region, conf, result, order, candidates if len(sizes) > 1 else (), kept)
 
     def plan_infill(self, task: str, before: str, after: str, sizes: list[int], budget=(None, None),
                     stride: int = 1) -> tuple[list[tuple[list[int], int, int]], Context]:
@@ -358,15 +366,17 @@ class Tasks:
             plans.append((ids, start, n))
         return plans, self._kept(before, after, b, a)
 
-    def candidate(self, x: torch.Tensor, logprob: torch.Tensor, start: int, n: int):
-        """From a denoised row: the Candidate, the kept region ids and their confidences."""
-        region = x[start:start + n].tolist()
-        lp = logprob[start:start + n].tolist()
+    def candidate(self, result: Result, row: int, start: int, n: int):
+        """From a denoised row of a result: the Candidate, the kept region ids, their confidences
+        and the step that revealed each."""
+        region = result.x[row, start:start + n].tolist()
+        lp = result.logprob[row, start:start + n].tolist()
         keep = self._cut(region)
         scored = lp[:keep + 1] if keep < n else lp[:keep]
         cand = Candidate(length=n, text=self.tok.decode(region[:keep], skip_special=True),
                          score=_score([v for v in scored if not math.isnan(v)]))
-        return cand, region[:keep], [math.exp(v) if not math.isnan(v) else 1.0 for v in lp[:keep]]
+        order = result.order[row, start:start + keep].tolist()
+        return cand, region[:keep], [math.exp(v) if not math.isnan(v) else 1.0 for v in lp[:keep]], order
 
     @torch.inference_mode()
     def score(self, before: list[int], span: list[int], after: list[int], task: str = "refine",
@@ -413,14 +423,16 @@ class Tasks:
                            k, callback, slice(start, start + len(s)), group)
         region = result.x[0, start:start + len(s)].tolist()
         new_lp = result.logprob[0, start:start + len(s)].tolist()
+        steps = result.order[0, start:start + len(s)].tolist()
         redone = set(remask)
-        ids_out, conf = [], []
+        ids_out, conf, order = [], [], []
         for i, t in enumerate(region):
             if t in self.end_ids:
                 continue
             ids_out.append(t)
             conf.append(math.exp(new_lp[i] if i in redone else lp[i]))
-        ans = self.answer(ids_out, conf, result, context=self._kept(before, after, b, a))
+            order.append(steps[i])
+        ans = self.answer(ids_out, conf, result, order, context=self._kept(before, after, b, a))
         if ids_out == s:  # unchanged: hand back the caller's exact text
             ans.text = span
         return ans

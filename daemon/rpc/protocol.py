@@ -155,6 +155,8 @@ class TaskResult:
     elapsed_ms: float
     queued_ms: float
     candidates: list[dict] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)  # per token, the denoising step that revealed it (-1: kept)
+    ar_ness: dict = field(default_factory=dict)  # {"local", "global"} in [0, 1]: 1.0 is left-to-right
 
 
 @dataclass

@@ -71,6 +71,8 @@ class Scheduler:
     def submit(self, method: str, params, on_progress=None) -> Job:
         """Queue a job; raises RPCError(OVERLOADED) when the queue is full, and INVALID_PARAMS or
         TOO_LARGE for options or text out of bounds (checked here, before the job takes a place)."""
+        if self._stop:
+            raise RPCError(ErrorCode.CANCELLED, "the daemon is shutting down")
         opts = options_of(params.sampling)
         self._check(params, opts)
         loop = asyncio.get_running_loop()
@@ -248,7 +250,8 @@ class Scheduler:
         self._finish(job, TaskResult(
             text=ans.text, tokens=ans.tokens, confidence=ans.confidence, steps=ans.steps_run,
             finished_early=watch.finished_early, elapsed_ms=(time.monotonic() - started) * 1000,
-            queued_ms=(started - job.created) * 1000, candidates=[vars(c) for c in ans.candidates]))
+            queued_ms=(started - job.created) * 1000, candidates=[vars(c) for c in ans.candidates],
+            order=ans.order, ar_ness=ans.ar_ness))
 
     def _cancelled(self, job: Job) -> None:
         self.counters["cancelled"] += 1

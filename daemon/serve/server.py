@@ -149,6 +149,8 @@ class Connection:
 
     async def handle(self, message) -> bool:
         """Dispatch one decoded message; False closes the connection."""
+        if not self.authenticated:  # TCP: anything but a good `auth` first is refused and closes
+            return self.authenticate(message)
         if not isinstance(message, (list, tuple)) or not message:
             self.reply(None, RPCError(ErrorCode.INVALID_FRAME, f"expected an array [type, ...], got {short(message)}"))
             return True
@@ -160,19 +162,9 @@ class Connection:
                     ErrorCode.INVALID_FRAME, f"request needs an integer id and a string method, got "
                                              f"{short(msgid)} and {short(method)}"))
                 return True
-            if not self.authenticated:
-                if method == "auth" and self.server.check_token(params):
-                    self.authenticated = True
-                    self.reply(msgid, None, {"ok": True})
-                    return True
-                self.reply(msgid, RPCError(ErrorCode.UNAUTHORIZED, "this TCP connection must first send "
-                                                                   "`auth` with the daemon's token"))
-                return False
             await self.request(msgid, method, params)
             return True
         if kind == NOTIFICATION and len(message) == 3:
-            if not self.authenticated:
-                return False
             _, method, params = message
             if method == "cancel":
                 try:
@@ -187,6 +179,20 @@ class Connection:
         self.reply(None, RPCError(ErrorCode.INVALID_FRAME,
                                   f"expected [0, id, method, params] or [2, method, params], got {short(message)}"))
         return True
+
+    def authenticate(self, message) -> bool:
+        """The first message of a TCP connection: `auth` with the token, else UNAUTHORIZED (a
+        request's id echoed when it has one) and the connection is closed (False)."""
+        is_request = isinstance(message, (list, tuple)) and len(message) == 4 and message[0] == REQUEST
+        msgid = message[1] if is_request and isinstance(message[1], int) and not isinstance(message[1], bool) else None
+        if is_request and message[2] == "auth" and msgid is not None and self.server.check_token(message[3]):
+            self.authenticated = True
+            self.reply(msgid, None, {"ok": True})
+            return True
+        if is_request or not isinstance(message, (list, tuple)) or message[:1] != [NOTIFICATION]:
+            self.reply(msgid, RPCError(ErrorCode.UNAUTHORIZED, "this TCP connection must first send `auth` with "
+                                                               "the daemon's token"))
+        return False
 
     async def request(self, msgid: int, method: str, params) -> None:
         if method not in METHODS:
