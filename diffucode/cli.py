@@ -21,8 +21,8 @@ import re
 import sys
 from pathlib import Path
 
-from diffucode.daemon.engine.options import (ALGORITHMS, DECODINGS, DEFAULT_DECODING, DEFAULT_THRESHOLD, Limits,
-                                             Options)
+from diffucode.daemon.engine.options import (ALGORITHMS, ALTERNATIVES_TEMPERATURE, DECODINGS, DEFAULT_DECODING,
+                                             DEFAULT_THRESHOLD, Limits, Options)
 
 DEFAULTS, LIMITS = Options(), Limits()  # the engine's: every default below is read from these
 
@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default=None,
                    help="try these canvas sizes (comma-separated, e.g. 8,16,32) and keep the most "
                         "confident; default: only --max-new-tokens")
+    p.add_argument("--alternatives", type=_int_at_least(1), default=1, metavar="N",
+                   help="up to N different middles (the greedy one and N-1 sampled at --alternatives-temperature "
+                        "in one batch), ranked by the coupled likelihood; --json lists them best first")
+    p.add_argument("--alternatives-temperature", type=float, default=ALTERNATIVES_TEMPERATURE, metavar="T",
+                   help=f"the temperature the alternatives are sampled at ({ALTERNATIVES_TEMPERATURE:g})")
     _sampler_options(p, "entropy", "canvas size (default 32); end tokens inside it shrink the middle")
     _decoding_options(p)
     _task_options(p)
@@ -327,13 +332,22 @@ def cmd_infill(args) -> int:
         except ValueError:
             raise InputError(f"--lengths {args.lengths!r}: expected comma-separated integers")
     engine = _engine(args, decoding=args.decoding, prompt_format=args.prompt_format)
-    ans = engine.infill(text[:offset], text[offset:], opts=_sampler_args(args), lengths=lengths)
+    alternatives = []
+    if args.alternatives > 1:
+        if lengths:
+            raise InputError("--alternatives and --lengths do not combine: choose one")
+        alternatives = engine.alternatives(text[:offset], text[offset:], args.alternatives, opts=_sampler_args(args),
+                                           temperature=args.alternatives_temperature)
+        ans = alternatives[0].answer
+    else:
+        ans = engine.infill(text[:offset], text[offset:], opts=_sampler_args(args), lengths=lengths)
     if args.json:
         print(json.dumps({"middle": ans.text, "line": args.line, "column": args.column,
                           "tokens": ans.tokens, "confidence": ans.confidence,
                           "steps": ans.steps_run, "order": ans.order, "ar_ness": ans.ar_ness,
                           "prompt_format": engine.tasks.prompt_format,
-                          "candidates": [vars(c) for c in ans.candidates]}))
+                          "candidates": [vars(c) for c in ans.candidates],
+                          "alternatives": [a.summary() for a in alternatives]}))
     else:
         sys.stdout.write(ans.text + ("" if ans.text.endswith("\n") else "\n"))
     return 0

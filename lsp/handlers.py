@@ -32,7 +32,7 @@ from .postprocess import postprocess
 from .server import CHARS_PER_TOKEN, DiffucodeServer, client_columns, offset_at, serve
 
 log = logging.getLogger("diffucode.lsp")
-ALTERNATIVE_TEMPERATURES = (0.4, 0.8)  # an Invoked trigger adds these to the greedy item
+ALTERNATIVES = 3  # middles an Invoked trigger asks for (the greedy one among them), best first
 
 server = DiffucodeServer()
 
@@ -135,18 +135,19 @@ async def inline_completion(ls: DiffucodeServer, params: lsp.InlineCompletionPar
     before, after = ls.request_context(doc.uri, text, offset, language_id=doc.language_id or "")
     mid_line = raw_after.split("\n", 1)[0].strip() != ""
     budget = min(ls.settings.max_new_tokens, 16) if mid_line else ls.settings.max_new_tokens
-    temperatures = [None] + (list(ALTERNATIVE_TEMPERATURES) if invoked else [])
+    # an Invoked trigger asks for alternatives: the daemon samples them in one batch and ranks them
+    # by the coupled likelihood (daemon/engine/ranking.py); they are offered in that order
+    params_ = InfillParams(before=before, after=after, group=doc.uri, alternatives=ALTERNATIVES if invoked else None,
+                           before_tokens=ls.settings.before_tokens, after_tokens=ls.settings.after_tokens,
+                           sampling=ls.sampling(budget))
     found: list[str] = []
-    for i, temperature in enumerate(temperatures):
-        params_ = InfillParams(before=before, after=after, group=f"{doc.uri}#{i}",
-                               before_tokens=ls.settings.before_tokens, after_tokens=ls.settings.after_tokens,
-                               sampling=ls.sampling(budget, temperature, seed=i))
-        try:
-            result = await ls.infill(params_)
-        except (DaemonUnavailable, RPCError, asyncio.TimeoutError) as e:
-            log.info("inline completion: %s", e)
-            break
-        text_ = postprocess(result.text, raw_before, raw_after)
+    try:
+        result = await ls.infill(params_)
+    except (DaemonUnavailable, RPCError, asyncio.TimeoutError) as e:
+        log.info("inline completion: %s", e)
+        return empty
+    for text_ in [a["text"] for a in result.alternatives] or [result.text]:
+        text_ = postprocess(text_, raw_before, raw_after)
         if text_ is not None and text_ not in found:
             found.append(text_)
     if found:

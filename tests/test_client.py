@@ -159,6 +159,14 @@ def test_infill_round_trip_with_progress(daemon):
         span = "    return a + b\n"
         new = await client.refine(RefineParams(before="def add(a, b):\n", span=span, after="\n", sampling=SHORT))
         assert isinstance(new, TaskResult) and len(new.tokens) == len(new.confidence)
+        # alternatives: one request, ranked best first, the result being the best
+        ranked = await client.infill(InfillParams(before="def mean(values):\n    total = ", after="\n",
+                                                  alternatives=4, sampling=Sampling(max_new_tokens=8)))
+        scores = [a["score"] for a in ranked.alternatives]
+        assert 1 <= len(scores) <= 4 and scores == sorted(scores, reverse=True)
+        assert ranked.text == ranked.alternatives[0]["text"]
+        with pytest.raises(RPCError, match="alternatives and lengths do not combine"):
+            await client.infill(InfillParams(before="x = ", alternatives=2, lengths=[4, 8]))
         await client.close()
 
     run(main())

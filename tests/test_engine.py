@@ -99,3 +99,23 @@ def test_ar_ness_as_the_paper_defines_it(order, local, global_):
     from diffucode.daemon.engine.order import ar_ness
 
     assert ar_ness(order) == {"local": local, "global": global_}
+
+
+def test_alternatives_are_distinct_and_ranked_by_the_coupled_likelihood(engine):
+    from diffucode.daemon.engine.ranking import coupled_logliks
+
+    before, after = "def mean(values):\n    total = ", "\n    return total / len(values)\n"
+    alts = engine.alternatives(before, after, 6, max_new_tokens=10, temperature=1.0)
+    texts = [a.answer.text for a in alts]
+    assert len(set(texts)) == len(texts) >= 2 and [a.temperature for a in alts].count(0.0) == 1
+    assert [a.score for a in alts] == sorted((a.score for a in alts), reverse=True)
+    tasks = engine.tasks
+    b, a = tasks._context(before, after, reserve=10 + tasks.template_tokens)
+    middles = [alt.answer.ids for alt in alts]
+    # one left-padded batch scores each middle as it is scored alone
+    together = coupled_logliks(tasks, b, middles, a)
+    alone = [coupled_logliks(tasks, b, [m], a)[0] for m in middles]
+    assert together == pytest.approx(alone, abs=1e-4) and together == pytest.approx([x.score for x in alts], abs=1e-3)
+    assert coupled_logliks(tasks, b, [[]], a) == [float("-inf")]
+    with pytest.raises(InputError, match="alternatives must be in \\[1, 16\\], got 17"):
+        engine.alternatives(before, after, 17)

@@ -14,6 +14,7 @@ explained and its default set); an unknown one is an InputError naming it. The C
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +22,10 @@ import torch
 
 from ..errors import InputError
 from .checkpoint import Checkpoint, load_checkpoint
-from .options import DEFAULT_DECODING, Limits, Options, options, sampler_config
+from .options import (ALTERNATIVES_TEMPERATURE, DEFAULT_DECODING, MAX_ALTERNATIVES, Limits, Options, options,
+                      sampler_config)
 from .order import ar_ness
+from .ranking import Alternative, alternatives
 from .sampler import Step
 from .sampler import generate as reference_generate
 from .tasks import Answer, Tasks
@@ -69,6 +72,17 @@ class Engine:
         confident kept; `budget`: at most this many tokens of code before and after."""
         return self._text_tasks().infill(before, after, opts or options(**sampling), lengths=lengths,
                                          callback=callback, budget=budget, group=group)
+
+    def alternatives(self, before: str, after: str, n: int = 3, *, temperature: float = ALTERNATIVES_TEMPERATURE, opts: Options | None = None,
+                     budget: tuple[int | None, int | None] = (None, None), **sampling) -> list[Alternative]:
+        """Up to n different middles, best first by the coupled likelihood (ranking.py): the
+        greedy one and n - 1 sampled at `temperature` in one batch, de-duplicated."""
+        if not 1 <= n <= MAX_ALTERNATIVES:
+            raise InputError(f"alternatives must be in [1, {MAX_ALTERNATIVES}], got {n}")
+        opts = opts or options(**sampling)
+        tasks = self._text_tasks()
+        tasks.check(replace(opts, temperature=temperature), before=before, after=after)
+        return alternatives(tasks, before, after, opts, n, temperature, budget)
 
     def complete(self, before: str, *, opts: Options | None = None, callback: Callback | None = None,
                  budget: tuple[int | None, int | None] = (None, None), group: str | None = None,

@@ -23,6 +23,8 @@ DECODINGS = ("exact", "fast")
 DEFAULT_TOP_K = 50
 DEFAULT_THRESHOLD = 0.9  # Fast-dLLM's; the quality guard of `diffucode bench` checks it
 DEFAULT_BLOCK_SIZE = 32
+MAX_ALTERNATIVES = 16  # middles one infill may rank (ranking.py)
+ALTERNATIVES_TEMPERATURE = 0.8  # the temperature alternatives are sampled at
 DEFAULT_DECODING = "fast"  # the daemon's and the Engine's: it held the quality guard (`diffucode bench`)
 
 

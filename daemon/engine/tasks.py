@@ -154,6 +154,7 @@ class Answer:
     ids: list[int] = field(default_factory=list)  # the region's token ids
     order: list[int] = field(default_factory=list)  # per token, the step that revealed it (-1: kept as it was)
     ar_ness: dict = field(default_factory=dict)  # {"local", "global"}: how left-to-right the order was (order.py)
+    alternatives: list[dict] = field(default_factory=list)  # ranking.py's summaries, best first (this one among them)
     context: Context | None = None  # None where no text context was given (Engine.generate)
     history: list[list[int]] | None = None  # Engine.generate(keep_history=True): the sequence after each step
 

@@ -123,6 +123,9 @@ class InfillParams(Request):
     before: str = ""
     after: str = ""
     lengths: list[int] | None = None  # try these canvas sizes, keep the most confident
+    # up to this many different middles, ranked by the coupled likelihood (daemon/engine/ranking.py):
+    # the result is the best, `alternatives` lists them all best first; not with `lengths`
+    alternatives: int | None = None
 
 
 @dataclass
@@ -156,6 +159,7 @@ class TaskResult:
     queued_ms: float
     candidates: list[dict] = field(default_factory=list)
     order: list[int] = field(default_factory=list)  # per token, the denoising step that revealed it (-1: kept)
+    alternatives: list[dict] = field(default_factory=list)  # {text, score, confidence, temperature, tokens, order}
     ar_ness: dict = field(default_factory=dict)  # {"local", "global"} in [0, 1]: 1.0 is left-to-right
 
 

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..engine.options import Options
+from ..engine.options import MAX_ALTERNATIVES, Options
 from ..errors import Cancelled, DiffucodeError, TooLarge
 from ..rpc.protocol import ErrorCode, RPCError, Sampling, TaskResult
 
@@ -102,6 +102,11 @@ class Scheduler:
         if params.deadline_ms is not None and params.deadline_ms < 0:
             raise RPCError(ErrorCode.INVALID_PARAMS, f"deadline_ms must be >= 0, got {params.deadline_ms}")
         texts = {k: getattr(params, k) for k in ("before", "after", "span") if hasattr(params, k)}
+        n = getattr(params, "alternatives", None)
+        if n is not None and not 1 <= n <= MAX_ALTERNATIVES:
+            raise RPCError(ErrorCode.INVALID_PARAMS, f"alternatives must be in [1, {MAX_ALTERNATIVES}], got {n}")
+        if n and n > 1 and params.lengths:
+            raise RPCError(ErrorCode.INVALID_PARAMS, "alternatives and lengths do not combine: send one")
         try:
             tasks.check(opts, getattr(params, "lengths", None), **texts)
         except TooLarge as e:
@@ -156,6 +161,8 @@ class Scheduler:
 
         def key(j: Job):
             p = j.params
+            if (getattr(p, "alternatives", None) or 1) > 1:  # a batch of its own already
+                return None
             shared = batch_key(tasks, j.method, j.opts, getattr(p, "lengths", None), (p.before_tokens, p.after_tokens))
             # the earliest deadline finishes a whole batch: requests with one batch only together
             return None if shared is None else (*shared, p.deadline_ms is not None)
@@ -220,6 +227,13 @@ class Scheduler:
         budget = (p.before_tokens, p.after_tokens)
         if job.method == "complete":
             return tasks.complete(p.before, opts, callback=on_step, budget=budget, group=p.group)
+        if job.method == "infill" and (p.alternatives or 1) > 1:
+            from ..engine.ranking import alternatives  # here: it imports torch
+
+            ranked = alternatives(tasks, p.before, p.after, opts, p.alternatives, budget=budget, callback=on_step)
+            best = ranked[0].answer
+            best.alternatives = [a.summary() for a in ranked]
+            return best
         if job.method == "infill":
             return tasks.infill(p.before, p.after, opts, lengths=p.lengths, callback=on_step, budget=budget,
                                 group=p.group)
@@ -251,7 +265,7 @@ class Scheduler:
             text=ans.text, tokens=ans.tokens, confidence=ans.confidence, steps=ans.steps_run,
             finished_early=watch.finished_early, elapsed_ms=(time.monotonic() - started) * 1000,
             queued_ms=(started - job.created) * 1000, candidates=[vars(c) for c in ans.candidates],
-            order=ans.order, ar_ness=ans.ar_ness))
+            order=ans.order, ar_ness=ans.ar_ness, alternatives=ans.alternatives))
 
     def _cancelled(self, job: Job) -> None:
         self.counters["cancelled"] += 1
