@@ -3,7 +3,7 @@
     diffucode generate --model DIR --input-ids 5,17,99 --max-new-tokens N --steps S --json
     diffucode infill   --model DIR FILE --line L --column C
     diffucode refine   --model DIR FILE --lines A-B
-    diffucode serve    --model DIR [--socket PATH | --tcp 127.0.0.1:PORT]
+    diffucode serve    --model DIR [--socket PATH | --tcp 127.0.0.1:PORT] [--http 127.0.0.1:PORT]
     diffucode status
     diffucode quantize --model DIR --scheme nf4|int8 --out DIR2
     diffucode bench    [--model DIR | --shape 7b] [--quick]
@@ -222,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "a second if this daemon dies without shutting down; the language server asks for it")
     p.add_argument("--as-standby", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING; or env DIFFUCODE_LOG")
+    g = p.add_argument_group("HTTP (OpenAI /v1/completions, llama.cpp /infill, Ollama /api/generate)")
+    g.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="also serve HTTP on this address, e.g. 127.0.0.1:8012 (loopback only unless "
+                        "--http-allow-remote); clients send `Authorization: Bearer <token>`")
+    g.add_argument("--http-token-file", type=Path, default=None, metavar="FILE",
+                   help="the HTTP token: read, or created 0600 with a random token if missing "
+                        "(default: $XDG_RUNTIME_DIR/diffucode/http-PORT.token)")
+    g.add_argument("--http-allow-remote", action="store_true",
+                   help="allow a non-loopback --http host; the token is still required")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("status", help="print the running daemon's status",

@@ -21,14 +21,14 @@ from urllib.parse import unquote, urlparse
 
 from pathspec import GitIgnoreSpec
 
+from diffucode.daemon.rpc.snippets import snippet_block  # shared with the HTTP dialects (llama.cpp input_extra)
+
 log = logging.getLogger("diffucode.lsp.context")
 
 SKIP_DIRS = {".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", "venv", ".tox", ".mypy_cache",
              ".pytest_cache", "build", "dist", ".idea", ".vscode-test", "target", ".eggs"}
 MAX_FILE_BYTES = 256 * 1024
 MAX_FILES = 20000
-LINE_COMMENT = {"python": "#", "ruby": "#", "shellscript": "#", "yaml": "#", "toml": "#", "r": "#",
-                "perl": "#", "makefile": "#", "dockerfile": "#", "elixir": "#"}
 PY_IMPORT = re.compile(r"^\s*(?:from\s+(\.*[\w.]*)\s+import|import\s+([\w.]+))", re.M)
 JS_IMPORT = re.compile(r"""(?:from\s+|require\(\s*|import\s+)['"](\.{1,2}/[^'"]+)['"]""")
 JS_EXTENSIONS = ("", ".ts", ".tsx", ".js", ".jsx", ".mjs", "/index.ts", "/index.js")
@@ -181,14 +181,6 @@ def imported_paths(path: Path, text: str, language_id: str, index: WorkspaceInde
                     found.append(candidate)
                     break
     return found
-
-
-def snippet_block(rel: str, text: str, language_id: str, max_chars: int) -> str:
-    comment = LINE_COMMENT.get(language_id, "//")
-    body = text[:max_chars]
-    if len(text) > max_chars:
-        body = body[: body.rfind("\n") + 1]
-    return f"{comment} Path: {rel}\n{body.rstrip()}\n\n"
 
 
 class ContextBuilder:

@@ -137,6 +137,11 @@ def serve(args, address: Address) -> int:
     level = (args.log_level or os.environ.get("DIFFUCODE_LOG") or "INFO").upper()
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    http_at = None
+    if getattr(args, "http", None):  # checked before the model loads: a bad address fails at once
+        from .http import HttpServer, http_address
+
+        http_at = http_address(args.http, args.http_token_file, args.http_allow_remote)
     lock = wait_for_address(address) if args.as_standby else take_address(address, args.replace)
     if lock is None:
         return EXIT_ADDRESS_TAKEN
@@ -163,6 +168,9 @@ def serve(args, address: Address) -> int:
 
     async def main():
         nonlocal standby
+        http = HttpServer(server, http_at) if http_at else None
+        if http is not None:  # first: a port already taken stops the daemon before the socket listens
+            await http.start()
         await server.start()
         if args.as_standby:
             log.info("serving %.2f s after taking over (the model)", time.monotonic() - started)
@@ -175,6 +183,8 @@ def serve(args, address: Address) -> int:
         if args.standby:
             standby = start_standby()
         await server.run_until_stopped()
+        if http is not None:
+            await http.stop()
 
     try:
         asyncio.run(main())
