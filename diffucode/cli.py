@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from diffucode.daemon.engine.options import (ALGORITHMS, ALTERNATIVES_TEMPERATURE, DECODINGS, DEFAULT_DECODING,
-                                             DEFAULT_THRESHOLD, Limits, Options)
+                                             DEFAULT_THRESHOLD, LENGTHS, Limits, Options)
 
 DEFAULTS, LIMITS = Options(), Limits()  # the engine's: every default below is read from these
 
@@ -73,6 +73,9 @@ def _model_options(p: argparse.ArgumentParser, tokenizer_note: str = "") -> None
 def _sampler_options(p: argparse.ArgumentParser, default_alg: str, tokens_help: str) -> None:
     g = p.add_argument_group("sampling (the reference sampler's options)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULTS.max_new_tokens, help=tokens_help)
+    g.add_argument("--length", choices=LENGTHS, default=DEFAULTS.length,
+                   help=f"fixed: the canvas is --max-new-tokens; auto: --max-new-tokens is an upper bound and one "
+                        f"forward pass chooses the canvas (default {DEFAULTS.length})")
     g.add_argument("--steps", type=_positive_int, default=DEFAULTS.steps,
                    help="denoising steps; default: one per canvas token (the most careful setting)")
     g.add_argument("--alg", default=default_alg, choices=ALGORITHMS,

@@ -119,3 +119,19 @@ def test_alternatives_are_distinct_and_ranked_by_the_coupled_likelihood(engine):
     assert coupled_logliks(tasks, b, [[]], a) == [float("-inf")]
     with pytest.raises(InputError, match="alternatives must be in \\[1, 16\\], got 17"):
         engine.alternatives(before, after, 17)
+
+
+def test_length_auto_chooses_the_canvas_from_one_pass(engine):
+    from diffucode.daemon.engine.length import chosen_length
+
+    assert chosen_length([1.0] * 16) == 2  # sure the middle is empty: a canvas of 2
+    assert chosen_length([0.0] * 16) == 16  # sure it runs on: the whole upper bound
+    assert chosen_length([0.0] * 4 + [1.0] * 28) == 6  # 4 expected, with slack
+    fixed = engine.infill("x = ", "\n", max_new_tokens=16, decoding="exact")
+    auto = engine.infill("x = ", "\n", max_new_tokens=16, decoding="exact", length="auto")
+    # exact decoding runs one step per canvas token: the passes say which canvas was used, plus the one that chose it
+    assert fixed.forward_passes == 16 and 2 <= auto.forward_passes <= 17 and auto.steps_run == auto.forward_passes - 1
+    with pytest.raises(InputError, match="length 'longest' is unknown"):
+        engine.infill("x = ", "\n", length="longest")
+    tried = engine.infill("x = ", "\n", lengths=[4, 8], decoding="exact")
+    assert tried.forward_passes == 4 + 8  # each size tried costs its passes, whichever is kept

@@ -46,7 +46,7 @@ def batch_key(tasks, method: str, s: Options, lengths: list[int] | None = None,
     """Requests with equal keys can run as one batch; None: this request runs alone."""
     if method not in ("complete", "infill") or (lengths and len(set(lengths)) > 1):
         return None
-    if tasks.uses_prefix_cache(s):
+    if tasks.uses_prefix_cache(s) or s.length == "auto":  # (auto: each request's canvas is its own)
         return None
     if s.temperature > 0 or s.alg_temp or s.alg == "origin":
         return None

@@ -16,6 +16,7 @@ from ..errors import InputError
 
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 DECODINGS = ("exact", "fast")
+LENGTHS = ("fixed", "auto")
 # The reference's effective top-k: Dream's diffusion_generate builds its generation config from
 # the model config, which under transformers 4.51.3 carries the legacy default top_k = 50. Top-k
 # never changes the argmax but renormalises the probabilities, hence the confidences and the
@@ -33,6 +34,9 @@ class Options:
     """How to denoise one request."""
 
     max_new_tokens: int = 32  # the canvas: masks to fill (end tokens inside it shorten the answer)
+    # "fixed": the canvas is max_new_tokens. "auto": max_new_tokens is an upper bound and the canvas
+    # is chosen from one forward pass (length.py)
+    length: str = "fixed"
     steps: int | None = None  # None: one step per canvas token, the reference-equivalent setting
     alg: str = "entropy"  # reveal order: origin, maskgit_plus, topk_margin or entropy
     temperature: float = 0.0  # 0: greedy

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import InputError, TooLarge
 from .checkpoint import Checkpoint
-from .options import DECODINGS, Limits, Options, SamplerConfig, fast_config, sampler_config
+from .options import DECODINGS, LENGTHS, Limits, Options, SamplerConfig, fast_config, sampler_config
 from .order import ar_ness
 from .sampler import Result, Step, denoise
 
@@ -65,6 +65,8 @@ def check_options(opts: Options, limits: Limits, lengths: list[int] | None = Non
     names the option, the value and the limit (InputError; TooLarge for sizes over a limit)."""
     for name in ("temperature", "top_p", "alg_temp", "eps", "threshold"):
         _finite(name, getattr(opts, name))
+    if opts.length not in LENGTHS:
+        raise InputError(f"length {opts.length!r} is unknown (use fixed or auto)")
     if opts.decoding is not None and opts.decoding not in DECODINGS:
         raise InputError(f"decoding {opts.decoding!r} is unknown (use exact or fast)")
     for name in ("temperature", "alg_temp"):
@@ -344,13 +346,23 @@ class Tasks:
         best, candidates = None, []
         stride = fast_config(opts).context_chunk if self.uses_prefix_cache(opts) else 1
         plans, kept = self.plan_infill(task, before, after, sizes, budget, stride)
+        passes = 0  # forward passes of every canvas tried, and of choosing one
+        if opts.length == "auto" and not lengths:  # one pass over the upper bound picks the canvas
+            from .length import chosen_length, end_probabilities
+
+            n = chosen_length(end_probabilities(self, *plans[0]))
+            passes = 1
+            if n != sizes[0]:
+                plans, kept = self.plan_infill(task, before, after, [n], budget, stride)
         for ids, start, n in plans:
             result = self._run(ids, opts, n, callback, slice(start, start + n), group, cut_at_end=True)
+            passes += result.forward_passes  # every size tried costs its passes
             found = self.candidate(result, 0, start, n)
             candidates.append(found[0])
             if best is None or found[0].score > best[0].score:
                 best = (*found, result)
         cand, region, conf, order, result = best
+        result.forward_passes = passes
         return self.answer(region, conf, result, order, candidates if len(sizes) > 1 else (), kept)
 
     def plan_infill(self, task: str, before: str, after: str, sizes: list[int], budget=(None, None),

@@ -86,7 +86,8 @@ class Sampling:
     which is the engine's (daemon/engine/options.py `Options`, where each is explained): the wire
     restates none of them. 0 turns top_k off; top_p 1 turns nucleus filtering off."""
 
-    max_new_tokens: int | None = None  # the canvas
+    max_new_tokens: int | None = None  # the canvas (with length "auto": its upper bound)
+    length: str | None = None  # fixed | auto
     steps: int | None = None
     alg: str | None = None  # origin | maskgit_plus | topk_margin | entropy
     temperature: float | None = None  # 0: greedy
