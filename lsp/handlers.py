@@ -25,9 +25,10 @@ from diffucode.daemon.rpc.client import DaemonUnavailable
 from diffucode.daemon.rpc.protocol import InfillParams, RefineParams, RPCError
 
 from .context import WorkspaceIndex, uri_to_path
+from .decoding import end_position, fit_tokens
 from .functions import enclosing_function
-from .methods import (LSP_DID_ACCEPT, LSP_DID_REJECT, LSP_DID_SHOW, LSP_FILL_SELECTION, LSP_REFINE_FUNCTION,
-                      LSP_SNOOZE, LSP_STATUS, LSP_TOGGLE)
+from .methods import (LSP_DID_ACCEPT, LSP_DID_REJECT, LSP_DID_SHOW, LSP_FILL_SELECTION, LSP_LAST_DECODING,
+                      LSP_REFINE_FUNCTION, LSP_SNOOZE, LSP_STATUS, LSP_TOGGLE)
 from .postprocess import postprocess
 from .server import CHARS_PER_TOKEN, DiffucodeServer, client_columns, offset_at, serve
 
@@ -111,6 +112,11 @@ def did_open(ls: DiffucodeServer, params: lsp.DidOpenTextDocumentParams) -> None
     ls.context.touched(params.text_document.uri)
 
 
+@server.feature(lsp.TEXT_DOCUMENT_DID_CLOSE)
+def did_close(ls: DiffucodeServer, params: lsp.DidCloseTextDocumentParams) -> None:
+    ls.decodings.forget(params.text_document.uri)
+
+
 # --- inline completion -----------------------------------------------------------------------
 
 @server.feature(lsp.TEXT_DOCUMENT_INLINE_COMPLETION, lsp.InlineCompletionOptions())  # options: advertised
@@ -146,13 +152,35 @@ async def inline_completion(ls: DiffucodeServer, params: lsp.InlineCompletionPar
     except (DaemonUnavailable, RPCError, asyncio.TimeoutError) as e:
         log.info("inline completion: %s", e)
         return empty
-    for text_ in [a["text"] for a in result.alternatives] or [result.text]:
-        text_ = postprocess(text_, raw_before, raw_after)
+    answers = result.alternatives or [{"text": result.text, "tokens": result.tokens, "order": result.order,
+                                       "ar_ness": result.ar_ness}]
+    for rank, answer in enumerate(answers):
+        text_ = postprocess(answer["text"], raw_before, raw_after)
         if text_ is not None and text_ not in found:
+            if not found:  # the item the editor shows first: what "Show Decoding Order" replays
+                # the best alternative's AR-ness is the result's; the others' come only if the daemon sends it
+                ar = answer.get("ar_ness") or (result.ar_ness if rank == 0 else None)
+                remember(ls, doc.uri, "suggestion", answer, text_, result.steps, ar,
+                         {"position": {"line": params.position.line, "character": params.position.character}})
             found.append(text_)
     if found:
         ls.cache.put(doc.uri, raw_before, raw_after, found)
     return items(ls, doc.uri, found, params.position)
+
+
+def remember(ls: DiffucodeServer, uri: str, kind: str, answer: dict, shown: str, steps: int,
+             ar_ness: dict | None, where: dict) -> None:
+    """Keeps the decoding of what the user was shown: the answer's tokens cut to `shown` (see
+    lsp/decoding.py), their steps and AR-ness, and where the text sits."""
+    tokens, order = fit_tokens(answer.get("tokens") or [], answer.get("order") or [], shown)
+    ls.decodings.put(uri, kind, tokens, order, steps, ar_ness, where)
+    log.debug("%s: kept the decoding order of %d tokens (%d steps)", kind, len(tokens), steps)
+
+
+def proposal_range(doc, start: dict, text: str) -> dict:
+    """The range `text` covers once a proposal placing it at `start` is applied."""
+    line, character = end_position((start["line"], start["character"]), text, lambda s: client_columns(doc, s))
+    return {"start": dict(start), "end": {"line": line, "character": character}}
 
 
 def items(ls: DiffucodeServer, uri: str, texts: list[str], position: lsp.Position) -> lsp.InlineCompletionList:
@@ -180,6 +208,8 @@ async def fill_selection(ls: DiffucodeServer, params) -> dict:
     result = await ls.infill(InfillParams(
         before=before, after=after, group=f"{doc.uri}#fill", before_tokens=ls.settings.before_tokens,
         after_tokens=ls.settings.after_tokens, sampling=ls.sampling(canvas)))
+    remember(ls, doc.uri, "fill", vars(result), result.text, result.steps, result.ar_ness,
+             {"range": proposal_range(doc, p["range"]["start"], result.text)})
     return {"edits": [{"range": p["range"], "text": result.text}], "version": version}
 
 
@@ -201,6 +231,8 @@ async def refine_function(ls: DiffucodeServer, params) -> dict:
         sampling=ls.sampling()))
     rng = {"start": {"line": span[0], "character": 0},
            "end": {"line": span[1], "character": client_columns(doc, lines[span[1]])}}
+    remember(ls, doc.uri, "refinement", vars(result), result.text, result.steps, result.ar_ness,
+             {"range": proposal_range(doc, rng["start"], result.text)})
     return {"edits": [{"range": rng, "text": result.text}], "version": version, "range": rng,
             "lines": line_confidence(result.tokens, result.confidence, span[0])}
 
@@ -224,6 +256,11 @@ class RPCErrorForEditor(JsonRpcException):
     exception becomes an InternalError whose message holds the traceback)."""
 
     CODE = lsp.LSPErrorCodes.RequestFailed.value
+
+
+@server.feature(LSP_LAST_DECODING)
+def last_decoding(ls: DiffucodeServer, params) -> dict | None:
+    return ls.decodings.get(as_dict(params)["textDocument"]["uri"])
 
 
 # --- status, toggles, feedback ---------------------------------------------------------------

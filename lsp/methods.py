@@ -11,6 +11,15 @@ diffucode/refineFunction  client -> server, request.
     lines: [{line, confidence}]}: the enclosing function (Python through `ast`, others by
     indentation and braces), its least confident tokens re-masked and denoised; `lines` gives
     a confidence in [0, 1] per line of the new text (line numbers in the document after the edit).
+diffucode/lastDecoding    client -> server, request.
+    params {textDocument: {uri}}  ->  {kind: "suggestion" | "refinement" | "fill", tokens: [str],
+    order: [int], steps, ar_ness: {local, global} | null, position | range} or null: how the
+    model wrote the document's last suggestion (the item shown first) or proposal. `tokens` join
+    to the text the user was shown (a suggestion after post-processing); `order[i]` is the
+    denoising step in [0, steps) that revealed token i, -1 for one kept from before (most of a
+    refinement); AR-ness is 1.0 for left to right (daemon/engine/order.py; null for a sampled
+    alternative the daemon gave none). A suggestion gives the `position` it was offered at; a
+    proposal the `range` its text covers once applied. null when the document has none.
 diffucode/status          client -> server, request. {} -> EditorStatus (below).
 diffucode/statusChanged   server -> client, notification. EditorStatus.
 diffucode/toggle          client -> server, notification. {enabled: bool}
@@ -25,6 +34,7 @@ EditorStatus: {state: "starting" | "ready" | "busy" | "error" | "down" | "disabl
 
 LSP_FILL_SELECTION = "diffucode/fillSelection"
 LSP_REFINE_FUNCTION = "diffucode/refineFunction"
+LSP_LAST_DECODING = "diffucode/lastDecoding"
 LSP_STATUS = "diffucode/status"
 LSP_STATUS_CHANGED = "diffucode/statusChanged"
 LSP_TOGGLE = "diffucode/toggle"

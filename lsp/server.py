@@ -1,10 +1,11 @@
 """`diffucode lsp`: the language server (pygls) between the editor and the model daemon.
 
 It owns the editor experience: inline completion (LSP 3.18) with context, debounce, cache and
-type-through, post-processing; the custom requests fillSelection and refineFunction; status;
-settings. Handlers that wait on the daemon are `async def`, so `$/cancelRequest` cancels them at
-their current await and the daemon client then cancels the daemon's work too. It never imports
-torch, and never prints to stdout (stdio is the protocol): logs go to stderr.
+type-through, post-processing; the custom requests fillSelection, refineFunction and
+lastDecoding (the order in which the last answer was written); status; settings. Handlers that
+wait on the daemon are `async def`, so `$/cancelRequest` cancels them at their current await and
+the daemon client then cancels the daemon's work too. It never imports torch, and never prints
+to stdout (stdio is the protocol): logs go to stderr.
 
 This module holds the server's class and helpers; lsp/handlers.py creates the one instance,
 registers the features on it and is the `diffucode lsp` entry point. The dependency runs one
@@ -30,6 +31,7 @@ from diffucode.daemon.rpc.protocol import InfillParams, RefineParams, RPCError, 
 from .cache import CompletionCache
 from .context import ContextBuilder
 from .debounce import Debouncer
+from .decoding import LastDecodings
 from .methods import LSP_STATUS_CHANGED
 from .settings import Settings, parse
 
@@ -49,6 +51,7 @@ class DiffucodeServer(LanguageServer):
         self.cache = CompletionCache()
         self.debouncer = Debouncer()
         self.context = ContextBuilder()
+        self.decodings = LastDecodings()  # per document, the last decoding shown (diffucode/lastDecoding)
         self.daemon: ReconnectingClient | None = None
         self.enabled = True
         self.snoozed_until = 0.0  # epoch seconds

@@ -162,6 +162,51 @@ def test_inline_completion_round_trip_and_type_through(daemon):
     run(go())
 
 
+def test_last_decoding_replays_what_was_shown(daemon):
+    """`diffucode/lastDecoding`: the first item's tokens and the step that revealed each, for the
+    editor's "Show Decoding Order"; then a refinement's, which replaces it; null elsewhere."""
+    async def go():
+        ed = Editor(settings_for(daemon))
+        await ed.start()
+        other = "file:///work/other.py"
+        ed.client.text_document_did_open(lsp.DidOpenTextDocumentParams(
+            text_document=lsp.TextDocumentItem(uri=other, language_id="python", version=1, text=SOURCE)))
+        try:
+            await ed.wait_state("ready")
+            assert await ed.request("diffucode/lastDecoding", {"textDocument": {"uri": URI}}) is None
+            shown = (await ed.inline(9, 0, invoked=False)).items  # an empty line in fibonacci: whole lines
+            assert shown
+            d = await ed.request("diffucode/lastDecoding", {"textDocument": {"uri": URI}})
+            assert d.kind == "suggestion" and (d.position.line, d.position.character) == (9, 0)
+            assert d.tokens and len(d.tokens) == len(d.order)
+            assert "".join(d.tokens) == shown[0].insert_text  # what the user saw, after post-processing
+            assert all(-1 <= step < d.steps for step in d.order), (d.order, d.steps)
+            # (pygls hands JSON objects over as namedtuples: `global`, a keyword, loses its name)
+            assert len(d.ar_ness) == 2 and 0 <= d.ar_ness.local <= 1 and all(0 <= v <= 1 for v in d.ar_ness)
+            assert await ed.request("diffucode/lastDecoding", {"textDocument": {"uri": other}}) is None
+            assert await ed.request("diffucode/lastDecoding", {"textDocument": {"uri": "file:///never.py"}}) is None
+            # an Invoked trigger's alternatives: the one offered first is kept
+            shown = (await ed.inline(5, 4)).items
+            d = await ed.request("diffucode/lastDecoding", {"textDocument": {"uri": URI}})
+            assert shown and "".join(d.tokens) == shown[0].insert_text and len(d.tokens) == len(d.order)
+            assert (d.position.line, d.position.character) == (5, 4) and all(-1 <= s < d.steps for s in d.order)
+            assert d.ar_ness is None or all(0 <= v <= 1 for v in d.ar_ness)
+
+            result = await ed.request("diffucode/refineFunction",
+                                      {"textDocument": {"uri": URI}, "position": {"line": 10, "character": 8}})
+            d = await ed.request("diffucode/lastDecoding", {"textDocument": {"uri": URI}})
+            new_text = result.edits[0].text
+            assert d.kind == "refinement" and "".join(d.tokens) == new_text and len(d.tokens) == len(d.order)
+            assert -1 in d.order and all(-1 <= step < d.steps for step in d.order)  # most tokens were kept
+            assert (d.range.start.line, d.range.start.character) == (8, 0)
+            last = new_text.split("\n")[-1]
+            assert (d.range.end.line, d.range.end.character) == (8 + new_text.count("\n"), len(last))
+            assert await ed.request("diffucode/lastDecoding", {"textDocument": {"uri": other}}) is None
+        finally:
+            await ed.stop()
+    run(go())
+
+
 def test_cancel_request_reaches_the_daemon(daemon):
     async def go():
         # The slow request: at the start of an empty line (line 7) the whole canvas of 1000 tokens

@@ -41,7 +41,8 @@ class Alternative:
 
     def summary(self) -> dict:
         return {"text": self.answer.text, "score": self.score, "confidence": round(self.confidence, 4),
-                "temperature": self.temperature, "tokens": self.answer.tokens, "order": self.answer.order}
+                "temperature": self.temperature, "tokens": self.answer.tokens, "order": self.answer.order,
+                "ar_ness": self.answer.ar_ness}
 
 
 @torch.inference_mode()

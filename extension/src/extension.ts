@@ -1,11 +1,14 @@
 /**
  * The diffucode extension: starts the language server, shows its state, and offers commands.
  * Ghost text comes from the server through vscode-languageclient's native inline completion;
- * Fill Selection and Refine Function ask the server for edits and show them as a proposal.
+ * Fill Selection and Refine Function ask the server for edits and show them as a proposal;
+ * Show Decoding Order replays the order in which the model wrote the last of them.
  * Accept word / accept line are VS Code's own inline-suggest commands; nothing here binds keys.
  */
 import * as vscode from 'vscode';
 import { Completion, FillResult, RefineResult, SNOOZE_MINUTES, parseMinutes } from './logic';
+import { Decoding } from './order';
+import { DecodingOrderView } from './orderView';
 import { Proposals } from './proposal';
 import { SECTION, Server } from './server';
 import { StatusBar } from './statusBar';
@@ -32,9 +35,10 @@ export function activate(context: vscode.ExtensionContext): void {
   const log = vscode.window.createOutputChannel('diffucode', { log: true });
   const statusBar = new StatusBar();
   const proposals = new Proposals(log);
+  const orderView = new DecodingOrderView();
   const srv = new Server(log, { status: (s) => statusBar.update(s) }, context.extensionPath);
   server = srv;
-  context.subscriptions.push(log, statusBar, proposals);
+  context.subscriptions.push(log, statusBar, proposals, orderView);
 
   const command = (name: string, run: (...args: any[]) => unknown) =>
     context.subscriptions.push(vscode.commands.registerCommand(name, run));
@@ -64,6 +68,29 @@ export function activate(context: vscode.ExtensionContext): void {
       position: { line: p.line, character: p.character },
     });
     if (result) void proposals.show('Refine Function', document, result.version, result.edits, result.lines);
+  });
+
+  command('diffucode.showDecodingOrder', async () => {
+    const editor = vscode.window.activeTextEditor;
+    if (!editor) {
+      void vscode.window.showInformationMessage('diffucode: open a document first.');
+      return;
+    }
+    const uri = proposals.documentOf(editor.document.uri);
+    const document = vscode.workspace.textDocuments.find((d) => d.uri.toString() === uri.toString()) ?? editor.document;
+    let decoding: Decoding | null;
+    try {
+      decoding = await srv.request<Decoding | null>('diffucode/lastDecoding', { textDocument: { uri: uri.toString() } });
+    } catch (error) {
+      void vscode.window.showErrorMessage(`diffucode: Show Decoding Order failed: ${error instanceof Error ? error.message : error}`);
+      return;
+    }
+    if (!decoding) {
+      void vscode.window.showInformationMessage(
+        'diffucode: no suggestion, Fill Selection or Refine Function yet in this document: nothing to replay.');
+      return;
+    }
+    await orderView.show(decoding, document, proposals.viewsOf(uri));
   });
 
   command('diffucode.acceptProposal', () => proposals.accept());

@@ -61,6 +61,18 @@ export class Proposals implements vscode.Disposable, vscode.TextDocumentContentP
     return this.current && this.current.view.toString() === uri.toString() ? this.current.text : '';
   }
 
+  /** The document a proposal view proposes a change to; any other uri is its own document. */
+  documentOf(uri: vscode.Uri): vscode.Uri {
+    const p = this.current;
+    return p && p.view.toString() === uri.toString() ? p.document : uri;
+  }
+
+  /** The open proposal's view of `document`, if there is one. */
+  viewsOf(document: vscode.Uri): vscode.Uri[] {
+    const p = this.current;
+    return p && p.document.toString() === document.toString() ? [p.view] : [];
+  }
+
   /** Opens the diff for a new proposal (replacing any earlier one) and offers accept / reject. */
   async show(kind: string, document: vscode.TextDocument, version: number, edits: Edit[],
     lines: { line: number; confidence: number }[] = []): Promise<void> {

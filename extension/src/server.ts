@@ -168,7 +168,8 @@ export class Server implements vscode.Disposable {
     if (!this.client?.isRunning()) {
       throw new Error(this.lastStatus?.state === 'error' ? this.lastStatus.message : 'the language server is not running');
     }
-    return this.client.sendRequest<R>(method, params, token);
+    // without a token, pass none: an `undefined` last argument would be sent as a second param (an array)
+    return token ? this.client.sendRequest<R>(method, params, token) : this.client.sendRequest<R>(method, params);
   }
 
   dispose(): void {

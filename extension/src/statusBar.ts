@@ -48,6 +48,7 @@ export class StatusBar implements vscode.Disposable {
       { label: '$(sparkle) Trigger Suggestion', command: 'diffucode.triggerSuggestion' },
       { label: '$(edit) Fill Selection', command: 'diffucode.fillSelection' },
       { label: '$(wand) Refine Function', command: 'diffucode.refineFunction' },
+      { label: '$(symbol-color) Show Decoding Order', command: 'diffucode.showDecodingOrder' },
       { label: '', kind: vscode.QuickPickItemKind.Separator },
       s.enabled
         ? { label: '$(circle-slash) Turn Completions Off', command: 'diffucode.toggle', args: [false] }

@@ -1,7 +1,8 @@
 // End-to-end test of the VS Code extension in a real VS Code: code-server driven by headless
 // Chromium (playwright-core), with the real language server, a real daemon and a tiny random
 // checkpoint. Type in a Python file, see ghost text, Tab accepts it (and the server hears it);
-// Refine Function, reject; Fill Selection, accept; the status menu; Toggle; the message for an
+// Show Decoding Order replays it as a heat map; Refine Function, reject; Fill Selection, accept,
+// and its decoding order shaded in the document; the status menu; Toggle; the message for an
 // interpreter without diffucode. Screenshots of each go to the artifacts folder.
 //
 //   node tests/e2e/vscode.e2e.mjs --vsix extension/dist/diffucode.vsix --python .venv/bin/python \
@@ -305,6 +306,32 @@ async function main() {
     return events.join(', ');
   });
 
+  // The decoding-order page is a webview: an iframe (the webview's host) holding another.
+  const orderPage = () => page.frameLocator('iframe.webview.ready').frameLocator('iframe#active-frame');
+  // Computed colours of the shaded tokens (bucketColor in extension/src/order.ts: alpha 0x73, 0.45).
+  const SHADE = /^rgba\(\d+, \d+, \d+, 0\.45\d*\)$/;
+
+  await check('Show Decoding Order replays the suggestion: tokens shaded by step, AR-ness in the header', async () => {
+    await palette('diffucode: Show Decoding Order');
+    const tokens = orderPage().locator('.token[data-step]');
+    await until('shaded tokens on the decoding-order page', async () => (await tokens.count().catch(() => 0)) > 0, 30000);
+    const summary = (await orderPage().locator('.summary').innerText()).trim();
+    const meaning = await orderPage().locator('.meaning').innerText();
+    if (!/\d+ steps? · AR-ness local [01]\.\d\d, global [01]\.\d\d/.test(summary)) throw new Error(`header: ${summary}`);
+    if (!/1\.0 = strictly left to right/.test(meaning)) throw new Error(`no sentence on AR-ness: ${meaning}`);
+    const shades = await tokens.evaluateAll((els) => els.map((e) => [e.dataset.step, getComputedStyle(e).backgroundColor]));
+    const unshaded = shades.filter(([step, color]) => step !== '-1' && !SHADE.test(color));
+    if (unshaded.length) throw new Error(`tokens without a shade: ${JSON.stringify(unshaded)}`);
+    const legend = await orderPage().locator('.legend .swatch').count();
+    if (legend < 2) throw new Error(`the legend has ${legend} entries`);
+    await sleep(300);
+    await page.screenshot({ path: path.join(artifacts, 'decoding-order.png') });
+    const text = (await tokens.allInnerTexts()).join('');
+    await palette('View: Close Editors in Other Groups');  // the page opened beside the file, which keeps focus
+    await orderPage().locator('.token').first().waitFor({ state: 'detached', timeout: 10000 }).catch(() => {});
+    return `${shades.length} tokens in ${new Set(shades.map(([, c]) => c)).size} shades, ${JSON.stringify(text)}; "${summary}"`;
+  });
+
   await check('Fill Selection shows a proposal and Accept applies it', async () => {
     const before = fs.readFileSync(file, 'utf8');
     // Select lines 3-4 (add's body after the docstring).
@@ -330,6 +357,29 @@ async function main() {
     return `lines 3-4 now ${JSON.stringify(lines.slice(2, lines.length - (before.split('\n').length - 4)).join('\n'))}`;
   });
 
+  await check('Show Decoding Order shades the accepted fill in the document, AR-ness in the hover', async () => {
+    await palette('diffucode: Show Decoding Order');
+    // VS Code draws a decoration's background as a `.cdr` element in the editor's view overlays.
+    const shaded = async () => page.locator('.editor-instance .view-overlays .cdr').evaluateAll((els, shade) =>
+      els.filter((e) => new RegExp(shade).test(getComputedStyle(e).backgroundColor))
+        .map((e) => { const r = e.getBoundingClientRect(); return { x: r.x + r.width / 2, y: r.y + r.height / 2, w: r.width }; })
+        .filter((r) => r.w > 2), SHADE.source);
+    const boxes = await until('shaded tokens in the document', async () => { const b = await shaded(); return b.length ? b : null; }, 30000);
+    const hover = page.locator('.monaco-hover', { hasText: 'AR-ness' }).first();
+    const { x, y } = boxes[Math.floor(boxes.length / 2)];
+    await page.mouse.move(x - 20, y + 40);
+    await page.mouse.move(x, y, { steps: 5 });
+    await hover.waitFor({ state: 'visible', timeout: 15000 });
+    const words = (await hover.innerText()).replace(/\s+/g, ' ');
+    if (!/Fill Selection proposal/.test(words) || !/AR-ness local [01]\.\d\d/.test(words) || !/1\.0 = strictly left to right/.test(words)) {
+      throw new Error(`hover: ${words}`);
+    }
+    await sleep(300);
+    await page.screenshot({ path: path.join(artifacts, 'decoding-order-in-document.png') });
+    await page.mouse.move(5, 300);
+    return `${boxes.length} shaded pieces; hover ${JSON.stringify(words.slice(0, 160))}`;
+  });
+
   await check('the status bar menu says the state in words and lists the commands', async () => {
     await status.click();
     const title = page.locator('.quick-input-widget .quick-input-title');
@@ -337,7 +387,7 @@ async function main() {
     const rows = await page.locator('.quick-input-list .monaco-list-row').allInnerTexts();
     await page.screenshot({ path: path.join(artifacts, 'status-menu.png') });
     await page.keyboard.press('Escape');
-    for (const want of ['Fill Selection', 'Refine Function', 'Snooze', 'Restart Server', 'Show Logs']) {
+    for (const want of ['Fill Selection', 'Refine Function', 'Show Decoding Order', 'Snooze', 'Restart Server', 'Show Logs']) {
       if (!rows.some((r) => r.includes(want))) throw new Error(`the menu lacks ${want}: ${rows}`);
     }
     return JSON.stringify(await title.innerText().catch(() => ''));
