@@ -66,6 +66,23 @@ def indent_function(lines: list[str], line: int) -> tuple[int, int] | None:
     return None
 
 
+def body_start(source: str, first: int, last: int, language_id: str = "") -> int:
+    """The first line of a function's body, [first, last] being the whole function: what Refine
+    rewrites, so that the signature (decorators, a signature over several lines) is kept. Python
+    through `ast`; elsewhere the line after the first. A function on one line is all body."""
+    if language_id == "python":
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            tree = None
+        for node in ast.walk(tree) if tree is not None else ():
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - 1 == last \
+                    and min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1 == first:
+                start = node.body[0].lineno - 1
+                return start if start > node.lineno - 1 else first
+    return first + 1 if last > first else first
+
+
 def enclosing_function(source: str, line: int, language_id: str = "") -> tuple[int, int] | None:
     if language_id == "python":
         try:

@@ -26,7 +26,7 @@ from diffucode.daemon.rpc.protocol import InfillParams, RefineParams, RPCError
 
 from .context import WorkspaceIndex, uri_to_path
 from .decoding import end_position, fit_tokens
-from .functions import enclosing_function
+from .functions import body_start, enclosing_function
 from .methods import (LSP_DID_ACCEPT, LSP_DID_REJECT, LSP_DID_SHOW, LSP_FILL_SELECTION, LSP_LAST_DECODING,
                       LSP_REFINE_FUNCTION, LSP_SNOOZE, LSP_STATUS, LSP_TOGGLE)
 from .postprocess import postprocess
@@ -221,6 +221,8 @@ async def refine_function(ls: DiffucodeServer, params) -> dict:
     span = enclosing_function(text, p["position"]["line"], doc.language_id or "")
     if span is None:
         raise RPCErrorForEditor(f"no function encloses line {p['position']['line'] + 1}")
+    # the body only: the signature stays as it is (Fill Selection rewrites whatever is selected)
+    span = (body_start(text, *span, doc.language_id or ""), span[1])
     lines = text.split("\n")
     start = sum(len(l) + 1 for l in lines[:span[0]])
     end = start + len("\n".join(lines[span[0]:span[1] + 1]))
@@ -234,7 +236,18 @@ async def refine_function(ls: DiffucodeServer, params) -> dict:
     remember(ls, doc.uri, "refinement", vars(result), result.text, result.steps, result.ar_ness,
              {"range": proposal_range(doc, rng["start"], result.text)})
     return {"edits": [{"range": rng, "text": result.text}], "version": version, "range": rng,
-            "lines": line_confidence(result.tokens, result.confidence, span[0])}
+            "lines": line_confidence(result.tokens, result.confidence, span[0]), "note": refine_note(result.refined)}
+
+
+def refine_note(refined: dict) -> str:
+    """What the proposal says of the daemon's line guard (daemon/engine/refine.py)."""
+    if not refined:
+        return ""
+    lines, changed, kept = refined.get("lines", 0), refined.get("changed", 0), refined.get("kept", 0)
+    note = f"{changed} of {lines} lines changed"
+    if kept:
+        note += f"; {kept} kept: the model preferred them"
+    return note + "; the signature is kept"
 
 
 def line_confidence(tokens: list[str], confidence: list[float], first_line: int) -> list[dict]:

@@ -135,3 +135,15 @@ def test_length_auto_chooses_the_canvas_from_one_pass(engine):
         engine.infill("x = ", "\n", length="longest")
     tried = engine.infill("x = ", "\n", lengths=[4, 8], decoding="exact")
     assert tried.forward_passes == 4 + 8  # each size tried costs its passes, whichever is kept
+
+
+def test_refine_keeps_the_lines_whose_rewrite_the_model_does_not_prefer(engine):
+    span = "    if x < lo:\n        return lo\n    if x > hi:\n        return hi\n    return x\n"
+    for seed in range(3):
+        guarded = engine.refine("def clamp(x, lo, hi):\n", span, "\n", fraction=0.5, seed=seed)
+        free = engine.refine("def clamp(x, lo, hi):\n", span, "\n", fraction=0.5, seed=seed, guard=False)
+        r = guarded.refined
+        assert r["lines"] == 5 and r["changed"] + r["kept"] <= 5 and free.refined["kept"] == 0
+        assert r["changed"] + r["kept"] == free.refined["changed"]  # the same rewrite, judged line by line
+        if r["changed"] == 0:  # every rewrite refused: the span comes back as it was
+            assert guarded.text == span and set(guarded.order) == {-1}

@@ -308,11 +308,13 @@ def test_refine_function_on_python(daemon):
             await ed.wait_state("ready")
             result = await ed.request("diffucode/refineFunction",
                                       {"textDocument": {"uri": URI}, "position": {"line": 10, "character": 8}})
-            assert (result.range.start.line, result.range.end.line) == (8, 12)  # def fibonacci .. return a
+            # the body of fibonacci (lines 9-12); its signature on line 8 is kept as it is
+            assert (result.range.start.line, result.range.end.line) == (9, 12)
             assert result.edits[0].range.end.character == len("    return a")
             new_text = result.edits[0].text
             assert len(result.lines) == new_text.count("\n") + 1
-            assert all(0 <= l.confidence <= 1 for l in result.lines) and result.lines[0].line == 8
+            assert all(0 <= l.confidence <= 1 for l in result.lines) and result.lines[0].line == 9
+            assert result.note.startswith(f"{result.note.split()[0]} of 4 lines changed") and "signature" in result.note
             with pytest.raises(JsonRpcException, match="^no function encloses line 1$") as error:
                 await ed.request("diffucode/refineFunction",
                                  {"textDocument": {"uri": URI}, "position": {"line": 0, "character": 0}})

@@ -12,7 +12,7 @@ from pygls.workspace.position_codec import PositionCodec
 from diffucode.lsp.cache import CompletionCache
 from diffucode.lsp.context import ContextBuilder, WorkspaceIndex, imported_paths
 from diffucode.lsp.debounce import Debouncer
-from diffucode.lsp.functions import enclosing_function
+from diffucode.lsp.functions import body_start, enclosing_function
 from diffucode.lsp.server import client_columns, offset_at
 from diffucode.lsp.settings import KEYS, Settings, parse
 
@@ -94,6 +94,11 @@ def test_enclosing_function_python_and_braces():
     js = "const a = 1;\nfunction add(a, b) {\n  if (a) {\n    return a + b;\n  }\n}\n"
     assert enclosing_function(js, 3, "javascript") == (1, 5)
     assert enclosing_function(js, 0, "javascript") is None
+    # what Refine rewrites: the body, not the signature (decorators and a signature over two lines included)
+    two = "@cache\ndef g(a,\n      b):\n    c = a\n    return c\n"
+    assert enclosing_function(two, 4, "python") == (0, 4) and body_start(two, 0, 4, "python") == 3
+    assert body_start("def h(): return 1\n", 0, 0, "python") == 0  # one line: all of it
+    assert body_start(js, 1, 5, "javascript") == 2
 
 
 def test_positions_in_the_negotiated_encoding():

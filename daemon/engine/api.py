@@ -93,10 +93,11 @@ class Engine:
 
     def refine(self, before: str, span: str, after: str, *, fraction: float = 0.3, opts: Options | None = None,
                callback: Callback | None = None, budget: tuple[int | None, int | None] = (None, None),
-               group: str | None = None, **sampling) -> Answer:
-        """`span` rewritten in place: its least confident `fraction` of tokens re-masked and denoised."""
+               group: str | None = None, guard: bool = True, **sampling) -> Answer:
+        """`span` rewritten in place: its least confident `fraction` of tokens re-masked and denoised,
+        each line's rewrite kept only where the model prefers it (guard; `answer.refined` counts)."""
         return self._text_tasks().refine(before, span, after, opts or options(**sampling), fraction=fraction,
-                                         callback=callback, budget=budget, group=group)
+                                         callback=callback, budget=budget, group=group, guard=guard)
 
     def generate(self, ids: list[int] | list[list[int]], *, opts: Options | None = None,
                  callback: Callback | None = None, keep_history: bool = False, **sampling) -> list[Answer]:

@@ -17,7 +17,7 @@ tokenizer has `<|dlm_pad|>`, which only the Instruct and cpGRPO checkpoints add.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -157,6 +157,7 @@ class Answer:
     order: list[int] = field(default_factory=list)  # per token, the step that revealed it (-1: kept as it was)
     ar_ness: dict = field(default_factory=dict)  # {"local", "global"}: how left-to-right the order was (order.py)
     alternatives: list[dict] = field(default_factory=list)  # ranking.py's summaries, best first (this one among them)
+    refined: dict = field(default_factory=dict)  # refine: {"lines", "changed", "kept"} (kept: rewrites the model rejected)
     context: Context | None = None  # None where no text context was given (Engine.generate)
     history: list[list[int]] | None = None  # Engine.generate(keep_history=True): the sequence after each step
 
@@ -413,42 +414,12 @@ class Tasks:
 
     def refine(self, before: str, span: str, after: str, opts: Options = Options(), fraction: float = 0.3,
                callback: Callable[[Step], str | None] | None = None, budget=(None, None),
-               group: str | None = None) -> Answer:
-        """Rewrite `span` in place: score its tokens, re-mask the least confident `fraction`,
-        denoise them again. End tokens revealed inside the span delete that position. Only the
-        span changes; confidence is per token of the new span."""
-        self.check(opts, before=before, span=span, after=after)
-        if not (math.isfinite(fraction) and 0 < fraction <= 1):
-            raise InputError(f"fraction must be in (0, 1], got {fraction}")
-        s = self.tok.encode(span)
-        if not s:
-            raise InputError("the span to refine is empty")
-        self._check_canvas(len(s))
-        b, a = self._context(before, after, budget, reserve=len(s) + self.template_tokens)
-        lp = self.score(b, s, a)
-        k = max(1, round(fraction * len(s)))
-        remask = sorted(range(len(s)), key=lambda i: lp[i])[:k]
-        canvas = list(s)
-        for i in remask:
-            canvas[i] = self.ckpt.mask_id
-        ids, start = self._layout("refine", b, canvas, a)
-        result = self._run(ids, replace(opts, max_new_tokens=k, steps=opts.steps and min(opts.steps, k)),
-                           k, callback, slice(start, start + len(s)), group)
-        region = result.x[0, start:start + len(s)].tolist()
-        new_lp = result.logprob[0, start:start + len(s)].tolist()
-        steps = result.order[0, start:start + len(s)].tolist()
-        redone = set(remask)
-        ids_out, conf, order = [], [], []
-        for i, t in enumerate(region):
-            if t in self.end_ids:
-                continue
-            ids_out.append(t)
-            conf.append(math.exp(new_lp[i] if i in redone else lp[i]))
-            order.append(steps[i])
-        ans = self.answer(ids_out, conf, result, order, context=self._kept(before, after, b, a))
-        if ids_out == s:  # unchanged: hand back the caller's exact text
-            ans.text = span
-        return ans
+               group: str | None = None, guard: bool = True) -> Answer:
+        """Rewrite `span` in place, keeping each line the model does not prefer rewritten (refine.py;
+        guard=False keeps every rewrite, as refine did before, for measuring the guard)."""
+        from .refine import refine_span
+
+        return refine_span(self, before, span, after, opts, fraction, callback, budget, group, guard)
 
 
 def locate(text: str, line: int, column: int) -> int:

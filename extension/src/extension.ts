@@ -67,7 +67,7 @@ export function activate(context: vscode.ExtensionContext): void {
       textDocument: { uri: document.uri.toString() },
       position: { line: p.line, character: p.character },
     });
-    if (result) void proposals.show('Refine Function', document, result.version, result.edits, result.lines);
+    if (result) void proposals.show('Refine Function', document, result.version, result.edits, result.lines, result.note);
   });
 
   command('diffucode.showDecodingOrder', async () => {

@@ -33,6 +33,8 @@ export interface FillResult { edits: Edit[]; version: number }
 export interface RefineResult extends FillResult {
   range: Range;
   lines: { line: number; confidence: number }[];
+  /** e.g. "3 of 6 lines changed; 3 kept: the model preferred them; the signature is kept" */
+  note?: string;
 }
 
 /** Lines the model is less sure of than this are highlighted in a refine proposal. */

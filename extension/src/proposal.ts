@@ -75,7 +75,7 @@ export class Proposals implements vscode.Disposable, vscode.TextDocumentContentP
 
   /** Opens the diff for a new proposal (replacing any earlier one) and offers accept / reject. */
   async show(kind: string, document: vscode.TextDocument, version: number, edits: Edit[],
-    lines: { line: number; confidence: number }[] = []): Promise<void> {
+    lines: { line: number; confidence: number }[] = [], note = ''): Promise<void> {
     await this.discard();
     if (!canAccept(version, document.version)) {
       void vscode.window.showWarningMessage(
@@ -99,7 +99,7 @@ export class Proposals implements vscode.Disposable, vscode.TextDocumentContentP
       { preview: true, viewColumn: vscode.ViewColumn.Active });
     this.decorate(vscode.window.visibleTextEditors);
     const choice = await vscode.window.showInformationMessage(
-      `diffucode ${kind}: accept the proposed edit to ${name}?${unsure}`, 'Accept', 'Reject');
+      `diffucode ${kind}: accept the proposed edit to ${name}?${unsure}${note ? ` (${note})` : ''}`, 'Accept', 'Reject');
     if (this.current !== proposal) return;
     if (choice === 'Accept') await this.accept();
     else if (choice === 'Reject') await this.discard();

@@ -246,6 +246,8 @@ async function main() {
     const toast = page.locator('.notification-toast', { hasText: 'accept the proposed edit' }).first();
     await toast.waitFor({ timeout: 10000 });
     const title = await toast.locator('.notification-list-item-message').innerText();
+    // the daemon's line guard says what it kept: "N of M lines changed; ...; the signature is kept"
+    if (!/\d+ of \d+ lines changed/.test(title)) throw new Error(`no line-guard note in ${JSON.stringify(title)}`);
     await sleep(500);
     await page.screenshot({ path: path.join(artifacts, 'refine-function-proposal.png') });
     await toast.locator('.monaco-button', { hasText: 'Reject' }).first().click();
