@@ -4,6 +4,14 @@
 #
 #   bash benchmarks/gpu_session.sh            # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_session.sh --dry-run  # here, on CPU: tiny shapes, checks the plumbing
+#   bash benchmarks/gpu_session.sh train [--dry-run]   # the bundled model's training (issue 13), alone
+#
+# `train` continues training/runs/v2 on the GPU from the shard that travels with the working tree
+# (carry training/shards/v2, made here by `python training/shard.py --run training/runs/v2 --out
+# training/shards/v2`; the corpus cannot be built there, nothing outside is reachable) and leaves
+# in $OUT what comes back: the fp32 weights in pieces of 15 MiB (cat model.safetensors.part-* >
+# training/runs/v2/state/model.safetensors), progress.json, training.json and the log. The AdamW
+# moments stay behind ($OUT takes 8 files, 64 MiB): a later CPU segment starts them afresh.
 #
 # Logs go to ${OUT:-gpu-results}/ (one file per step; the benchmarks' last lines are JSON).
 # Needs torch, safetensors, tokenizers, msgpack and pytest (the GPU image has them);
@@ -17,7 +25,10 @@ mkdir -p "$out"
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 dry=0
-[ "${1:-}" = "--dry-run" ] && dry=1
+mode=checks
+for arg in "$@"; do
+    case $arg in --dry-run) dry=1 ;; train) mode=train ;; esac
+done
 
 step() {  # step NAME SECONDS COMMAND...: run it, log to $out/NAME.log, note the outcome
     local name=$1 limit=$2
@@ -38,6 +49,21 @@ import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__)
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
 EOF
+
+if [ $mode = train ]; then
+    if [ $dry = 1 ]; then
+        step train-v2 600 "$py" training/train.py --run training/runs/v2 --corpus training/shards/v2 --device cuda --dry-run
+    else  # 8000 steps of a 6.5 M-parameter model: minutes on one GPU; saved every 2 minutes and at the end
+        step train-v2 560 "$py" training/train.py --run training/runs/v2 --corpus training/shards/v2 --device cuda \
+            --minutes 8.5 --save-minutes 2 --eval-every 1000
+        if [ -f training/runs/v2/state/model.safetensors ]; then
+            split -b 15M training/runs/v2/state/model.safetensors "$out/model.safetensors.part-"
+            cp training/runs/v2/state/progress.json training/runs/v2/training.json "$out/"
+        fi
+    fi
+    cat "$out/summary.txt"
+    exit 0
+fi
 
 if [ $dry = 1 ]; then
     step pytest-cuda 300 "$py" -m pytest -q -m cuda tests

@@ -41,13 +41,25 @@ def tokenize_stream(docs: list[data.Doc], tok: Tokenizer, eos: int) -> np.ndarra
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
-def cached_stream(corpus: Path, split: str, tok: Tokenizer, tok_dir: Path, eos: int) -> np.ndarray:
-    """tokenize_stream, cached in the corpus folder by split, corpus and tokenizer hash."""
+def tokenizer_hash(tok_dir: Path) -> str:
     h = hashlib.sha256()
     for name in TOKENIZER_FILES:
         h.update((tok_dir / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cached_stream(corpus: Path, split: str, tok: Tokenizer, tok_dir: Path, eos: int) -> np.ndarray:
+    """tokenize_stream, cached in the corpus folder by split, corpus and tokenizer hash; or, when
+    `corpus` is a shard (training/shard.py), the shard's stream."""
+    if (corpus / "shard.json").exists():
+        from shard import read
+
+        made_with = json.loads((corpus / "shard.json").read_text())["tokenizer"]
+        if made_with != tokenizer_hash(tok_dir):
+            raise SystemExit(f"{corpus} was packed with another tokenizer ({made_with}) than {tok_dir}'s")
+        return read(corpus / f"{split}.u16.xz")
     summary = json.loads((corpus / "corpus.json").read_text())
-    key = f"{split}-{summary['splits'][split]['sha256'][:12]}-{h.hexdigest()[:12]}"
+    key = f"{split}-{summary['splits'][split]['sha256'][:12]}-{tokenizer_hash(tok_dir)}"
     path = corpus / f"tokens-{key}.npy"
     if path.exists():
         return np.load(path)

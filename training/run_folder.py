@@ -112,6 +112,9 @@ def save_state(run: Path, net: Dream, opt: torch.optim.Optimizer, progress: dict
 def load_state(run: Path, net: Dream, opt: torch.optim.Optimizer, device: str) -> dict:
     state = run / "state"
     net.load_state_dict(load_file(state / "model.safetensors", device=device))
+    if not (state / "optimizer.safetensors").exists():  # a GPU segment brings the weights back alone
+        print(f"note: {state} has no optimizer.safetensors: AdamW starts with fresh moments", file=sys.stderr)
+        return json.loads((state / "progress.json").read_text())
     moments = load_file(state / "optimizer.safetensors", device=device)
     for n, p in net.named_parameters():
         if f"exp_avg/{n}" in moments:
