@@ -19,12 +19,15 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from .network import padding_inputs
 from .options import ALTERNATIVES_TEMPERATURE, Options
-from .tasks import Answer, Tasks
+
+if TYPE_CHECKING:  # (tasks.py reaches this module through refine.py)
+    from .tasks import Answer, Tasks
 
 
 @dataclass
