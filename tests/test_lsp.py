@@ -198,9 +198,9 @@ def test_last_decoding_replays_what_was_shown(daemon):
             new_text = result.edits[0].text
             assert d.kind == "refinement" and "".join(d.tokens) == new_text and len(d.tokens) == len(d.order)
             assert -1 in d.order and all(-1 <= step < d.steps for step in d.order)  # most tokens were kept
-            assert (d.range.start.line, d.range.start.character) == (8, 0)
+            assert (d.range.start.line, d.range.start.character) == (9, 0)  # the body: Refine keeps the signature on line 8
             last = new_text.split("\n")[-1]
-            assert (d.range.end.line, d.range.end.character) == (8 + new_text.count("\n"), len(last))
+            assert (d.range.end.line, d.range.end.character) == (9 + new_text.count("\n"), len(last))
             assert await ed.request("diffucode/lastDecoding", {"textDocument": {"uri": other}}) is None
         finally:
             await ed.stop()
