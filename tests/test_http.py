@@ -125,6 +125,8 @@ def test_openai_package_plain_streamed_and_alternatives(daemon):
     assert plain.object == "text_completion" and choice.index == 0 and choice.finish_reason in ("stop", "length")
     assert choice.text == daemon.socket_infill(BEFORE, AFTER)  # the same scheduler and model as the socket
     assert plain.usage.completion_tokens <= TOKENS
+    # the prompt: the code before and after the model saw, in tokens
+    assert plain.usage.prompt_tokens > 0 and plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
 
     stream = client.completions.create(model="diffucode", prompt=BEFORE, suffix=AFTER, max_tokens=TOKENS,
                                        stream=True)
@@ -158,6 +160,10 @@ def test_llama_vscode_infill_body(daemon):
     assert isinstance(data["tokens_cached"], int) and data["generation_settings"]["n_ctx"] > 0
     for key in ("prompt_n", "prompt_ms", "prompt_per_second", "predicted_n", "predicted_ms", "predicted_per_second"):
         assert isinstance(data["timings"][key], (int, float)), key
+    assert data["tokens_evaluated"] == data["timings"]["prompt_n"] > 0
+    long = {"input_prefix": "x = 1\n" * 2000, "input_suffix": AFTER, "n_predict": 4}  # more than the model's positions
+    status, _, raw = daemon.post("/infill", long)
+    assert status == 200 and json.loads(raw)["truncated"] is True
     # input_extra laid out as the language server lays out snippets, before the prefix and prompt
     before = snippet_block("util/math.py", chunks[0]["text"], "python", 10**6) + BEFORE
     assert data["content"] == daemon.socket_infill(before, AFTER, top_k=40, top_p=0.99)
@@ -193,6 +199,7 @@ def test_continue_ollama_and_fim_bodies(daemon):
     assert text == expected.split("\n\n\n")[0]
     status, _, raw = daemon.post("/api/generate", {**body, "stream": False})
     assert status == 200 and json.loads(raw)["response"] == text
+    assert json.loads(raw)["prompt_eval_count"] > 0 and lines[-1]["prompt_eval_count"] > 0
 
     # OpenAI.ts _streamFim: POST <apiBase>fim/completions, reads choices[0].delta.content
     fim = {"model": "diffucode", "prompt": BEFORE, "suffix": AFTER, "max_tokens": TOKENS, "temperature": 0,

@@ -60,12 +60,14 @@ def run_batch(tasks, items: list[BatchItem], settle: Callable[[int, object], Non
     """Denoise the items as one batch; `settle(i, outcome)` gets each item's Answer or exception
     as soon as it is known (a cancelled item at the step it is dropped)."""
     mask_id = tasks.ckpt.mask_id
-    plans, rows = [], []
+    plans, kept, rows = [], [], []
     for i, item in enumerate(items):
         n = item.lengths[0] if item.lengths else item.opts.max_new_tokens
         try:
             tasks.check(item.opts, item.lengths, before=item.before, after=item.after)
-            plans.append(tasks.plan_infill(item.task, item.before, item.after, [n], item.budget)[0][0])
+            (plan,), context = tasks.plan_infill(item.task, item.before, item.after, [n], item.budget)
+            plans.append(plan)
+            kept.append(context)
             rows.append(i)
         except Exception as e:  # a request over a limit fails alone
             settle(i, e)
@@ -113,4 +115,4 @@ def run_batch(tasks, items: list[BatchItem], settle: Callable[[int, object], Non
         return
     for r in sorted(alive):
         cand, region, conf, order = tasks.candidate(result, r, starts[r], n)
-        settle(rows[r], tasks.answer(region, conf, result, order))
+        settle(rows[r], tasks.answer(region, conf, result, order, context=kept[r]))

@@ -162,6 +162,8 @@ class TaskResult:
     order: list[int] = field(default_factory=list)  # per token, the denoising step that revealed it (-1: kept)
     alternatives: list[dict] = field(default_factory=list)  # {text, score, confidence, temperature, tokens, order}
     refined: dict = field(default_factory=dict)  # refine: {"lines", "changed", "kept"} (kept: rewrites rejected)
+    # the code the model saw: {"before_tokens", "after_tokens", "before_chars_cut", "after_chars_cut"}
+    context: dict = field(default_factory=dict)
     ar_ness: dict = field(default_factory=dict)  # {"local", "global"} in [0, 1]: 1.0 is left-to-right
 
 

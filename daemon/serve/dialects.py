@@ -187,6 +187,8 @@ class Choice:
     stopping_word: str = ""
     elapsed_ms: float = 0.0
     queued_ms: float = 0.0
+    prompt_tokens: int = 0  # the code before and after the model saw
+    truncated: bool = False  # some of it was cut to fit the context
 
 
 def choices_of(results: list[TaskResult], fill: Fill) -> list[Choice]:
@@ -213,7 +215,10 @@ def choice_of(result: TaskResult | None, fill: Fill) -> Choice:
                 break
             covered += len(piece)
             tokens += 1
-    return Choice(text, finish, tokens, word, result.elapsed_ms, result.queued_ms)
+    ctx = result.context
+    return Choice(text, finish, tokens, word, result.elapsed_ms, result.queued_ms,
+                  ctx.get("before_tokens", 0) + ctx.get("after_tokens", 0),
+                  bool(ctx.get("before_chars_cut") or ctx.get("after_chars_cut")))
 
 
 @dataclass
@@ -259,9 +264,9 @@ class OpenAI:
 
     @staticmethod
     def _usage(choices: list[Choice]) -> dict:
-        # the context's token count is not part of the daemon's answer: prompt_tokens is 0
-        done = sum(c.tokens for c in choices)
-        return {"prompt_tokens": 0, "completion_tokens": done, "total_tokens": done}
+        # prompt_tokens: the code the model saw (the prompt template's few tokens not counted)
+        done, prompt = sum(c.tokens for c in choices), choices[0].prompt_tokens if choices else 0
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
     @classmethod
     def _head(cls, r: Reply) -> dict:
@@ -343,14 +348,15 @@ class Llama:
         s = fill.sampling
         return {
             "index": 0, "content": content, "tokens": [], "id_slot": 0, "stop": True, "model": r.model,
-            "tokens_predicted": c.tokens, "tokens_evaluated": 0, "tokens_cached": 0, "truncated": False,
+            "tokens_predicted": c.tokens, "tokens_evaluated": c.prompt_tokens, "tokens_cached": 0,
+            "truncated": c.truncated,
             "stop_type": "word" if c.stopping_word else ("limit" if c.finish == "length" else "eos"),
             "stopping_word": c.stopping_word, "has_new_line": "\n" in c.text, "prompt": "",
             "generation_settings": {"n_ctx": r.n_ctx, "n_predict": fill.canvas, "model": r.model,
                                     "temperature": s.temperature if s.temperature is not None else Options.temperature,
                                     "top_k": s.top_k if s.top_k is not None else Options.top_k,
                                     "top_p": s.top_p if s.top_p is not None else 1.0, "stream": fill.stream},
-            "timings": {"prompt_n": 0, "prompt_ms": round(c.queued_ms, 3), "prompt_per_second": 0.0,
+            "timings": {"prompt_n": c.prompt_tokens, "prompt_ms": round(c.queued_ms, 3), "prompt_per_second": 0.0,
                         "predicted_n": c.tokens, "predicted_ms": round(ms, 3),
                         "predicted_per_second": round(c.tokens * 1000 / ms, 3)},
         }
@@ -406,7 +412,7 @@ class Ollama:
         ns = 1_000_000
         return {**cls._head(r), "response": response, "done": True, "done_reason": c.finish, "context": [],
                 "total_duration": int((c.elapsed_ms + c.queued_ms) * ns), "load_duration": 0,
-                "prompt_eval_count": 0, "prompt_eval_duration": int(c.queued_ms * ns),
+                "prompt_eval_count": c.prompt_tokens, "prompt_eval_duration": int(c.queued_ms * ns),
                 "eval_count": c.tokens, "eval_duration": int(c.elapsed_ms * ns)}
 
     @classmethod

@@ -265,7 +265,8 @@ class Scheduler:
             text=ans.text, tokens=ans.tokens, confidence=ans.confidence, steps=ans.steps_run,
             finished_early=watch.finished_early, elapsed_ms=(time.monotonic() - started) * 1000,
             queued_ms=(started - job.created) * 1000, candidates=[vars(c) for c in ans.candidates],
-            order=ans.order, ar_ness=ans.ar_ness, alternatives=ans.alternatives, refined=ans.refined))
+            order=ans.order, ar_ness=ans.ar_ness, alternatives=ans.alternatives, refined=ans.refined,
+            context=vars(ans.context) if ans.context is not None else {}))
 
     def _cancelled(self, job: Job) -> None:
         self.counters["cancelled"] += 1
