@@ -108,10 +108,12 @@ def alternatives(tasks: Tasks, before: str, after: str, opts: Options, n: int,
     callback (cancel, deadline), called for the greedy run and the sampled batch."""
     greedy = tasks.infill(before, after, replace(opts, temperature=0.0), task=task, budget=budget, callback=callback)
     found = [(greedy, 0.0)]
+    canvas = opts.max_new_tokens
+    # the code around the cursor, tokenized once for the sampled rows and the scores (as the greedy run cut it)
+    b, a = tasks._context(before, after, budget, reserve=canvas + tasks.template_tokens)
     if n > 1:
         sampled_opts = replace(opts, temperature=temperature, seed=opts.seed + 1)
-        plans, _ = tasks.plan_infill(task, before, after, [opts.max_new_tokens], budget)
-        ids, start, canvas = plans[0]
+        ids, start = tasks._layout(task, b, [tasks.ckpt.mask_id] * canvas, a)
         x = torch.tensor([ids] * (n - 1), device=tasks.ckpt.device)
         result = tasks.denoise(x, sampled_opts, canvas, callback, cut_at_end=True)
         for row in range(n - 1):
@@ -121,7 +123,6 @@ def alternatives(tasks: Tasks, before: str, after: str, opts: Options, n: int,
     for ans, t in found:
         unique.setdefault(ans.text, (ans, t))
     kept = list(unique.values())
-    b, a = tasks._context(before, after, budget, reserve=opts.max_new_tokens + tasks.template_tokens)
     scores = coupled_logliks(tasks, b, [ans.ids for ans, _ in kept], a, task, seed=opts.seed)
     ranked = [Alternative(ans, round(s, 4) if math.isfinite(s) else s, t) for (ans, t), s in zip(kept, scores)]
     return sorted(ranked, key=lambda alt: alt.score, reverse=True)

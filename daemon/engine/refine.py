@@ -81,18 +81,20 @@ def changed_lines(s: list[int], lines: list[int], region: list[int]) -> list[int
 def guard_lines(tasks, before: list[int], s: list[int], lines: list[int], region: list[int], after: list[int],
                 seed: int) -> tuple[list[int], list[int]]:
     """The changed lines whose rewrite the model prefers, and those where it prefers what was
-    there (to be put back). For each, the span is scored with the line as it was and as rewritten
-    (the other lines as they were), both in one batch."""
-    changed, kept = [], []
+    there (to be put back). The span is scored as it was and, for each changed line, with that
+    line rewritten (the other lines as they were): all in one batch, the original scored once."""
+    touched, variants = [], []
     for line in sorted(set(lines)):
         at = [i for i, n in enumerate(lines) if n == line]
         old = [s[i] for i in at]
         new = [region[i] for i in at if region[i] not in tasks.end_ids]
-        if new == old:
-            continue
-        # the whole span, with this line as it was or rewritten: a rewrite must make the span as a
-        # whole more likely (per token), so a deleted or garbled line also costs the lines around it
-        with_new = s[:at[0]] + new + s[at[-1] + 1:]
-        was, rewritten = coupled_logliks(tasks, before, [s, with_new], after, "refine", seed)
-        (changed if rewritten > was else kept).append(line)
-    return changed, kept
+        if new != old:
+            # the whole span with this line rewritten: a rewrite must make the span as a whole more
+            # likely (per token), so a deleted or garbled line also costs the lines around it
+            touched.append(line)
+            variants.append(s[:at[0]] + new + s[at[-1] + 1:])
+    if not touched:
+        return [], []
+    was, *rewritten = coupled_logliks(tasks, before, [s] + variants, after, "refine", seed)
+    changed = [line for line, score in zip(touched, rewritten) if score > was]
+    return changed, [line for line in touched if line not in changed]
