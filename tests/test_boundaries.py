@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # distribution package -> folder, as pyproject.toml maps them
 FOLDERS = {"diffucode": REPO / "diffucode", "diffucode.daemon": REPO / "daemon", "diffucode.lsp": REPO / "lsp",
-           "diffucode.quantization": REPO / "quantization"}
+           "diffucode.quantization": REPO / "quantization", "diffucode.tune": REPO / "tune"}
 
 
 def modules() -> dict[str, Path]:
@@ -88,6 +88,15 @@ def test_rpc_and_lsp_import_no_torch_and_no_engine():
                  if t == "torch" or in_room(t, "diffucode.daemon.engine") or in_room(t, "diffucode.daemon.serve")
                  or in_room(t, "diffucode.quantization")}
         assert not wrong, room
+
+
+def test_tune_uses_the_engine_not_the_daemon_or_editor():
+    """`diffucode tune` trains on the engine; it does not reach the sockets or the editor."""
+    wrong = {(m, t) for m, ts in GRAPH.items() if in_room(m, "diffucode.tune") for t in ts
+             if in_room(t, "diffucode.daemon.rpc") or in_room(t, "diffucode.daemon.serve") or in_room(t, "diffucode.lsp")}
+    assert not wrong
+    # and nothing the daemon serves with imports tune (its sandbox and trainer stay out of serving)
+    assert not {m for m, ts in GRAPH.items() if in_room(m, "diffucode.daemon") for t in ts if in_room(t, "diffucode.tune")}
 
 
 def test_no_import_cycles():
