@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .network import padding_inputs
+from .coupled import Pass, complementary, pass_logps
 from .options import ALTERNATIVES_TEMPERATURE, Options
 
 if TYPE_CHECKING:  # (tasks.py reaches this module through refine.py)
@@ -53,48 +53,23 @@ def coupled_logliks(tasks: Tasks, before: list[int], middles: list[list[int]], a
                     seed: int = 0) -> list[float]:
     """The coupled complementary-mask log-likelihood per token of each middle between the same
     code before and after (see the module docstring); -inf for an empty middle."""
-    rows, spans, weights = [], [], []
-    mask_id = tasks.ckpt.mask_id
+    passes, owners = [], []
     for k, middle in enumerate(middles):
         if not middle:
             continue
         rng = random.Random(f"{seed}:{','.join(map(str, middle))}")  # a middle's masks do not depend on the others
         ids, start = tasks._layout(task, before, middle, after)
         tasks._check_sequence(len(ids))
-        n = len(middle)
-        t = rng.uniform(0.2, 0.8)  # away from 0 and 1, where 1/t or 1/(1-t) would blow up one side
-        first = set(rng.sample(range(n), max(1, min(n - 1, round(t * n))))) if n > 1 else {0}
-        t = len(first) / n  # the fraction actually masked
-        for masked, weight in ((first, 1 / t), (set(range(n)) - first, 1 / (1 - t) if t < 1 else 0.0),
-                               (set(range(n)), 1.0)):
-            row = list(ids)
-            for i in masked:
-                row[start + i] = mask_id
-            rows.append(row)
-            spans.append((k, start, sorted(masked)))
-            weights.append(weight)
+        first, second, t = complementary(len(middle), rng)
+        for masked, weight in ((first, 1 / t), (second, 1 / (1 - t) if t < 1 else 0.0),
+                               (list(range(len(middle))), 1.0)):
+            passes.append(Pass(ids, start, masked))
+            owners.append((k, weight))
     scores = [-math.inf] * len(middles)
-    if not rows:
-        return scores
-    width = max(len(r) for r in rows)
     pad = tasks.ckpt.config.pad_token_id if tasks.ckpt.config.pad_token_id is not None else 0
-    device = tasks.ckpt.device
-    x = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    present = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    attention_mask, position_ids = padding_inputs(present)
-    P = max(len(m) for _, _, m in spans)
-    predict = torch.zeros(len(rows), P, dtype=torch.long, device=device)
-    for r, ((k, start, masked), row) in enumerate(zip(spans, rows)):
-        at = [width - len(row) + start + i for i in masked]
-        predict[r, :len(at)] = torch.tensor(at, dtype=torch.long)
-    logits = tasks.ckpt.network(x, attention_mask=attention_mask, position_ids=position_ids,
-                                predict_positions=predict).logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
     sums: dict[int, list[float]] = {}
-    for r, ((k, start, masked), weight) in enumerate(zip(spans, weights)):
-        truth = torch.tensor([middles[k][i] for i in masked], dtype=torch.long, device=device)
-        total = float(logp[r, :len(masked)].gather(-1, truth[:, None]).sum()) if masked else 0.0
-        sums.setdefault(k, []).append(weight * total)
+    for (k, weight), logp in zip(owners, pass_logps(tasks.ckpt.network, passes, tasks.ckpt.mask_id, pad)):
+        sums.setdefault(k, []).append(weight * float(logp.sum()))
     for k, (pair_a, pair_b, full) in sums.items():
         scores[k] = ((pair_a + pair_b) / 2 + full) / 2 / len(middles[k])
     return scores
