@@ -7,6 +7,9 @@
     answer.text, answer.tokens, answer.confidence, answer.steps_run, answer.forward_passes
     answer.context  # tokens of code kept on each side, characters cut from each side
 
+    engine = Engine.load(adapter="runs/adapter")  # a LoRA adapter from `diffucode tune` on top
+    engine.load_adapter("runs/adapter2")  # swapped in place (between requests); None: removed
+
 Sampling options are keyword arguments named as `Options`' fields (options.py, where each is
 explained and its default set); an unknown one is an InputError naming it. The CLI, the daemon,
 `diffucode bench`, the benchmarks and training load models through `Engine.load`.
@@ -21,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..errors import InputError
+from . import lora
 from .checkpoint import Checkpoint, load_checkpoint
 from .options import (ALTERNATIVES_TEMPERATURE, DEFAULT_DECODING, MAX_ALTERNATIVES, Limits, Options, options,
                       sampler_config)
@@ -44,21 +48,48 @@ class Engine:
         self.tasks = (Tasks(checkpoint, prompt_format, limits, decoding=decoding,
                             cuda_graphs=cuda_graphs and checkpoint.device.type == "cuda", prefix_cache=prefix_cache)
                       if require_tokenizer or checkpoint.tokenizer is not None else None)
+        self.adapter: lora.AdapterInfo | None = None  # the LoRA adapter on the network (load_adapter)
+        self._base_sha256: str | None = None  # the checkpoint's weights, hashed on the first adapter
 
     @classmethod
     def load(cls, model: str | Path | None = None, device: str = "auto", dtype: str = "auto", quantize: str = "none",
              decoding: str = DEFAULT_DECODING, *, prompt_format: str = "auto", limits: Limits | None = None,
-             cuda_graphs: bool = False, prefix_cache: bool = False, require_tokenizer: bool = True) -> "Engine":
+             cuda_graphs: bool = False, prefix_cache: bool = False, require_tokenizer: bool = True,
+             adapter: str | Path | None = None) -> "Engine":
         """Load a checkpoint directory or a locally cached hub id (default: the bundled model).
         device: auto, cpu, cuda[:N]; dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16,
-        float16; quantize: none, nf4, int8; decoding: the default of requests that do not choose."""
+        float16; quantize: none, nf4, int8; decoding: the default of requests that do not choose;
+        adapter: a LoRA adapter folder (`diffucode tune`) trained on these weights."""
         if model is None:
             from diffucode.models import default_model
 
             model = default_model()
         ckpt = load_checkpoint(model, device, dtype, require_tokenizer=require_tokenizer, quantize=quantize)
-        return cls(ckpt, decoding=decoding, prompt_format=prompt_format, limits=limits, cuda_graphs=cuda_graphs,
-                   prefix_cache=prefix_cache, require_tokenizer=require_tokenizer)
+        engine = cls(ckpt, decoding=decoding, prompt_format=prompt_format, limits=limits, cuda_graphs=cuda_graphs,
+                     prefix_cache=prefix_cache, require_tokenizer=require_tokenizer)
+        if adapter is not None:
+            engine.load_adapter(adapter)
+        return engine
+
+    def load_adapter(self, folder: str | Path | None) -> lora.AdapterInfo | None:
+        """Attach the LoRA adapter in `folder` (replacing the one attached), or detach it (None).
+        The network changes in place: call it between requests (the daemon holds its model lock).
+        A folder that does not load (missing, damaged, trained on other weights) is an InputError
+        and leaves the running adapter as it was."""
+        network = self.checkpoint.network
+        if folder is None:
+            lora.detach(network)
+            self.adapter = None
+        else:
+            if self._base_sha256 is None:
+                self._base_sha256 = lora.weights_sha256(self.checkpoint.path)
+            try:
+                self.adapter = lora.load_adapter(network, Path(folder).expanduser(), self._base_sha256)
+            except OSError as e:  # (an unreadable file: lora's own checks raise InputError)
+                raise InputError(f"{folder}: cannot read the adapter ({e.strerror or e})") from None
+        if self.tasks is not None:
+            self.tasks.forget_computed()  # K/V computed with the old weights must not be reused
+        return self.adapter
 
     def _text_tasks(self) -> Tasks:
         if self.tasks is None:

@@ -260,6 +260,13 @@ class Tasks:
 
         return self.denoise(x, opts, canvas, with_text if callback else None, group=group, cut_at_end=cut_at_end)
 
+    def forget_computed(self) -> None:
+        """Drop what fast decoding kept of earlier forward passes (the far-context K/V per document,
+        the KV buffers and their CUDA graphs, which replay the layers they captured): after the
+        network's weights change (a LoRA adapter swapped), none of it may be reused."""
+        self._kv_caches.clear()
+        self._prefixes = None
+
     def uses_prefix_cache(self, opts: Options) -> bool:
         return self.decoding_of(opts) == "fast" and (self.prefix_cache if opts.prefix_cache is None
                                                      else opts.prefix_cache)

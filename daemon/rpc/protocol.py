@@ -179,8 +179,14 @@ class Status:
     queue: dict  # {"pending": n, "running": n, "limit": n}
     counters: dict  # {"completed": n, "cancelled": n, "failed": n}
     uptime_s: float
-    reload: dict  # {"state": "idle" | "loading" | "ok" | "failed", "error": str | None, "at": ts}
+    # {"state": "idle" | "loading" | "ok" | "failed", "error": str | None, "at": ts,
+    #  "reloads": n (the model's), "adapter_reloads": n}
+    reload: dict
     limits: dict
+    # the LoRA adapter (`serve --adapter`), or None: {"path", "rank", "alpha", "layers", "base_sha256",
+    # "steps", "last_reward"} (daemon/engine/lora.py AdapterInfo.summary). Optional: a client must
+    # not rely on it being present (older daemons do not send it).
+    adapter: dict | None = None
 
 
 METHODS: dict[str, type | None] = {

@@ -152,9 +152,13 @@ def serve(args, address: Address) -> int:
                        Limits(max_canvas_tokens=args.max_canvas_tokens, max_context_tokens=args.max_context_tokens,
                               max_text_chars=args.max_text_chars),
                        quantize=args.quantize, decoding=args.decoding, cuda_graphs=args.cuda_graphs,
-                       prefix_cache=args.prefix_cache)
+                       prefix_cache=args.prefix_cache, adapter=getattr(args, "adapter", None))
     log.info("loaded %s on %s (%s, quantization %s, %s decoding by default) in %.2f s", state.path, state.device,
              state.dtype, state.quantization, args.decoding, time.monotonic() - started)
+    if state.adapter is not None:
+        a = state.adapter
+        log.info("LoRA adapter %s: rank %d on %d layers, %d steps, last reward %s", a["path"], a["rank"],
+                 a["layers"], a["steps"], a["last_reward"])
     if not args.no_watch:
         state.watch()
     server = DaemonServer(state, address, ServerLimits(max_frame_bytes=args.max_frame_bytes,

@@ -12,6 +12,7 @@ step. Knows tasks and jobs; not sockets, not msgpack."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
@@ -52,8 +53,11 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, get_tasks: Callable[[], Any], max_queue: int = 16, max_batch: int = 8):
+    def __init__(self, get_tasks: Callable[[], Any], max_queue: int = 16, max_batch: int = 8,
+                 model_lock: threading.Lock | None = None):
         self.get_tasks = get_tasks  # the current Tasks (hot reload swaps it between jobs)
+        # held while jobs run: what changes the network in place (an adapter reload) takes it too
+        self.model_lock = model_lock if model_lock is not None else contextlib.nullcontext()
         self.max_queue = max_queue
         self.max_batch = max_batch  # jobs that may share forward passes (batching.py)
         self.pending: deque[Job] = deque()
@@ -145,7 +149,8 @@ class Scheduler:
                 jobs = [job] + self._companions(job)
                 self.running = jobs
             try:
-                self._run(jobs)
+                with self.model_lock:
+                    self._run(jobs)
             finally:
                 with self._wake:
                     self.running = []

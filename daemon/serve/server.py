@@ -265,7 +265,8 @@ class DaemonServer:
         self.model = model_state  # ModelState: the current Tasks, its description, reload state
         self.address = address
         self.limits = limits or ServerLimits()
-        self.scheduler = Scheduler(lambda: self.model.tasks, self.limits.max_queue)
+        self.scheduler = Scheduler(lambda: self.model.tasks, self.limits.max_queue,
+                                   model_lock=getattr(model_state, "in_use", None))
         self.started = time.time()
         self.connections: set[Connection] = set()
         self._token: str | None = None
@@ -342,6 +343,7 @@ class DaemonServer:
             counters={**self.scheduler.counters, "last_cancelled_steps": self.scheduler.last_cancelled_steps,
                       "connections": len(self.connections)},
             uptime_s=time.time() - self.started, reload=dict(m.reload_state),
+            adapter=getattr(m, "adapter", None),
             limits={"max_frame_bytes": self.limits.max_frame_bytes, "max_queue": self.limits.max_queue,
                     "max_canvas_tokens": m.tasks.limits.max_canvas_tokens,
                     "max_context_tokens": m.tasks.limits.max_context_tokens, "pid": os.getpid()})
