@@ -1,9 +1,9 @@
 """The `diffucode` command: headless use and scripting.
 
     diffucode generate --model DIR --input-ids 5,17,99 --max-new-tokens N --steps S --json
-    diffucode infill   --model DIR FILE --line L --column C
-    diffucode refine   --model DIR FILE --lines A-B
-    diffucode serve    --model DIR [--socket PATH | --tcp 127.0.0.1:PORT] [--http 127.0.0.1:PORT]
+    diffucode infill   --model DIR [--adapter DIR] FILE --line L --column C
+    diffucode refine   --model DIR [--adapter DIR] FILE --lines A-B
+    diffucode serve    --model DIR [--adapter DIR] [--socket PATH | --tcp 127.0.0.1:PORT] [--http 127.0.0.1:PORT]
     diffucode status
     diffucode quantize --model DIR --scheme nf4|int8 --out DIR2
     diffucode bench    [--model DIR | --shape 7b] [--quick]
@@ -21,118 +21,9 @@ import re
 import sys
 from pathlib import Path
 
-from diffucode.daemon.engine.options import (ALGORITHMS, ALTERNATIVES_TEMPERATURE, DECODINGS, DEFAULT_DECODING,
-                                             DEFAULT_THRESHOLD, LENGTHS, Limits, Options)
-
-DEFAULTS, LIMITS = Options(), Limits()  # the engine's: every default below is read from these
-
-
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= minimum, else an error naming the value and the limit."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
-        return value
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
-    if not 0 < value <= 86400:  # (NaN fails this too)
-        raise argparse.ArgumentTypeError(f"{value:g} seconds is outside (0, 86400]")
-    return value
-
-
-def _model_options(p: argparse.ArgumentParser, tokenizer_note: str = "") -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help="checkpoint directory (config.json, safetensors, tokenizer files) or a hub id "
-                        "already in the local Hugging Face cache (see `diffucode pull`); default: the "
-                        "small model bundled with diffucode" + tokenizer_note)
-    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
-    g.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16")
-    g.add_argument("--quantize", default="none", choices=["none", "nf4", "int8"],
-                   help="quantize the Linear layers while loading: nf4 (bitsandbytes 4-bit, ~4x smaller; "
-                        "bf16 math) or int8 (bitsandbytes LLM.int8() on CUDA, torch's dynamic int8 on CPU). "
-                        "Embeddings and lm_head keep --dtype. A directory written by `diffucode quantize` "
-                        "loads in its own scheme without this option")
-
-
-def _sampler_options(p: argparse.ArgumentParser, default_alg: str, tokens_help: str) -> None:
-    g = p.add_argument_group("sampling (the reference sampler's options)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULTS.max_new_tokens, help=tokens_help)
-    g.add_argument("--length", choices=LENGTHS, default=DEFAULTS.length,
-                   help=f"fixed: the canvas is --max-new-tokens; auto: --max-new-tokens is an upper bound and one "
-                        f"forward pass chooses the canvas (default {DEFAULTS.length})")
-    g.add_argument("--steps", type=_positive_int, default=DEFAULTS.steps,
-                   help="denoising steps; default: one per canvas token (the most careful setting)")
-    g.add_argument("--alg", default=default_alg, choices=ALGORITHMS,
-                   help="order in which masked positions are revealed: origin (random), maskgit_plus "
-                        "(most probable first), topk_margin (largest top1-top2 margin first), entropy "
-                        f"(lowest entropy first; recommended for DiffuCoder). Default {default_alg}")
-    g.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
-                   help=f"0 = greedy; > 0 samples (default {DEFAULTS.temperature:g})")
-    g.add_argument("--top-p", type=float, default=DEFAULTS.top_p, help="nucleus filtering, in (0, 1]")
-    g.add_argument("--top-k", type=_non_negative_int, default=DEFAULTS.top_k,
-                   help=f"keep the k most probable tokens (default {DEFAULTS.top_k}, the reference's effective "
-                        f"default: it renormalises confidences, so it changes the reveal order in greedy decoding "
-                        f"too); 0: no top-k")
-    g.add_argument("--alg-temp", type=float, default=DEFAULTS.alg_temp,
-                   help="> 0 samples which positions to reveal from softmax(confidence / alg_temp)")
-    g.add_argument("--eps", type=float, default=DEFAULTS.eps,
-                   help=f"final time of the reveal schedule (default {DEFAULTS.eps:g})")
-    g.add_argument("--seed", type=int, default=DEFAULTS.seed, help="random seed; the same seed reproduces a sample")
-
-
-def _decoding_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding")
-    g.add_argument("--decoding", default="exact", choices=DECODINGS,
-                   help="exact (default here, for scripting): the reference sampler, a full forward pass per "
-                        "step; fast: blocks decoded against a dual KV cache, every token at least --threshold "
-                        "probable revealed at once (see `diffucode bench` for speed and quality)")
-    g.add_argument("--threshold", type=float, default=DEFAULTS.threshold,
-                   help=f"fast: reveal every masked token of the block at least this probable "
-                        f"(default {DEFAULT_THRESHOLD:g})")
-    g.add_argument("--block-size", type=_positive_int, default=DEFAULTS.block_size,
-                   help=f"fast: positions per block ({DEFAULTS.block_size})")
-
-
-def _task_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-format", default="auto", choices=["auto", "raw", "chatml"],
-                   help="raw code (Base checkpoints) or ChatML (Instruct/cpGRPO); auto detects it "
-                        "from the tokenizer (<|dlm_pad|> is only in Instruct/cpGRPO)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-
-
-def _address_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("address (default: a Unix socket in $XDG_RUNTIME_DIR/diffucode)")
-    x = g.add_mutually_exclusive_group()
-    x.add_argument("--socket", type=Path, default=None, help="Unix socket path (created 0600)")
-    x.add_argument("--tcp", default=None, metavar="HOST:PORT",
-                   help="loopback TCP instead, e.g. 127.0.0.1:7777; clients need the token")
-    g.add_argument("--token-file", type=Path, default=None,
-                   help="with --tcp: the file holding the token (written 0600 by serve)")
-
-
-def _address(args):
-    from diffucode.daemon.rpc.address import Address, default_address, tcp_address
-
-    if args.tcp:
-        return tcp_address(args.tcp, args.token_file)
-    return Address(socket=args.socket.expanduser().absolute()) if args.socket else default_address()
-
+from diffucode.cli_options import (LIMITS, address_of, address_options, decoding_options, int_at_least,
+                                   model_options, positive_int, positive_seconds, sampler_options, task_options)
+from diffucode.daemon.engine.options import ALTERNATIVES_TEMPERATURE, DECODINGS, DEFAULT_DECODING, Options
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffucode", description=__doc__.split("\n\n")[0])
@@ -142,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Denoise a prompt of token ids followed by --max-new-tokens masks, "
                                    "exactly as the reference diffusion_generate does. Works on a "
                                    "checkpoint without tokenizer files.")
-    _model_options(p, "; tokenizer files are not needed")
+    model_options(p, "; tokenizer files are not needed")
     p.add_argument("--input-ids", required=True, help="prompt token ids, comma-separated: 5,17,99")
-    _sampler_options(p, "origin", "masks after the prompt (default 32)")
+    sampler_options(p, "origin", "masks after the prompt (default 32)")
     p.add_argument("--json", action="store_true",
                    help='print {"output_ids": prompt + canvas, "history": the sequence after each step}')
     p.set_defaults(run=cmd_generate)
@@ -153,64 +44,64 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fill the code at the cursor (line L, column C, both 1-based), "
                                    "conditioned on the code before and after it. Prints the middle; "
                                    "the file is not written.")
-    _model_options(p)
+    model_options(p, adapter=True)
     p.add_argument("file", type=Path, help="the source file")
-    p.add_argument("--line", type=_positive_int, required=True, help="cursor line, 1-based")
-    p.add_argument("--column", type=_positive_int, required=True,
+    p.add_argument("--line", type=positive_int, required=True, help="cursor line, 1-based")
+    p.add_argument("--column", type=positive_int, required=True,
                    help="cursor column, 1-based, in characters; one past the end of the line is allowed")
     p.add_argument("--lengths", default=None,
                    help="try these canvas sizes (comma-separated, e.g. 8,16,32) and keep the most "
                         "confident; default: only --max-new-tokens")
-    p.add_argument("--alternatives", type=_int_at_least(1), default=1, metavar="N",
+    p.add_argument("--alternatives", type=int_at_least(1), default=1, metavar="N",
                    help="up to N different middles (the greedy one and N-1 sampled at --alternatives-temperature "
                         "in one batch), ranked by the coupled likelihood; --json lists them best first")
     p.add_argument("--alternatives-temperature", type=float, default=ALTERNATIVES_TEMPERATURE, metavar="T",
                    help=f"the temperature the alternatives are sampled at ({ALTERNATIVES_TEMPERATURE:g})")
-    _sampler_options(p, "entropy", "canvas size (default 32); end tokens inside it shrink the middle")
-    _decoding_options(p)
-    _task_options(p)
+    sampler_options(p, "entropy", "canvas size (default 32); end tokens inside it shrink the middle")
+    decoding_options(p)
+    task_options(p)
     p.set_defaults(run=cmd_infill)
 
     p = sub.add_parser("refine", help="rewrite lines in place; print a unified diff",
                        description="Score the tokens of lines A-B with the model, re-mask the least "
                                    "confident fraction and denoise them again. Prints a unified diff; "
                                    "the file is not written, and nothing outside the lines changes.")
-    _model_options(p)
+    model_options(p, adapter=True)
     p.add_argument("file", type=Path, help="the source file")
     p.add_argument("--lines", required=True, help="A-B, 1-based and inclusive (e.g. 3-10)")
     p.add_argument("--fraction", type=float, default=0.3,
                    help="share of the span's tokens to re-mask, in (0, 1] (default 0.3)")
-    _sampler_options(p, "entropy", "unused for refine (the canvas is the re-masked tokens)")
-    _decoding_options(p)
-    _task_options(p)
+    sampler_options(p, "entropy", "unused for refine (the canvas is the re-masked tokens)")
+    decoding_options(p)
+    task_options(p)
     p.set_defaults(run=cmd_refine)
 
     p = sub.add_parser("serve", help="run the model daemon in the foreground (logs on stderr)",
                        description="Serve one model to every editor window of this machine over "
                                    "msgpack-rpc on a local socket. Logs go to stderr.")
-    _model_options(p)
-    _address_options(p)
+    model_options(p, adapter=True)
+    address_options(p)
     p.add_argument("--prompt-format", default="auto", choices=["auto", "raw", "chatml"],
                    help="raw code (Base) or ChatML (Instruct/cpGRPO); auto detects it")
     p.add_argument("--replace", action="store_true",
                    help="if a daemon already serves this address, shut it down and take over")
-    p.add_argument("--max-queue", type=_positive_int, default=16, help="pending requests before OVERLOADED (16)")
-    p.add_argument("--max-connections", type=_positive_int, default=64,
+    p.add_argument("--max-queue", type=positive_int, default=16, help="pending requests before OVERLOADED (16)")
+    p.add_argument("--max-connections", type=positive_int, default=64,
                    help="clients connected at once; the next one is told OVERLOADED (64)")
-    p.add_argument("--max-frame-bytes", type=_positive_int, default=8 * 1024 * 1024,
+    p.add_argument("--max-frame-bytes", type=positive_int, default=8 * 1024 * 1024,
                    help="largest accepted message in bytes (8 MiB)")
-    p.add_argument("--max-canvas-tokens", type=_positive_int, default=LIMITS.max_canvas_tokens,
+    p.add_argument("--max-canvas-tokens", type=positive_int, default=LIMITS.max_canvas_tokens,
                    help=f"most masks in one request ({LIMITS.max_canvas_tokens})")
-    p.add_argument("--max-context-tokens", type=_positive_int, default=LIMITS.max_context_tokens,
+    p.add_argument("--max-context-tokens", type=positive_int, default=LIMITS.max_context_tokens,
                    help=f"code before + after sent to the model; the rest is cut ({LIMITS.max_context_tokens})")
-    p.add_argument("--max-text-chars", type=_positive_int, default=LIMITS.max_text_chars,
+    p.add_argument("--max-text-chars", type=positive_int, default=LIMITS.max_text_chars,
                    help=f"characters of code one request may send per side; more is TOO_LARGE "
                         f"({LIMITS.max_text_chars:,})")
-    p.add_argument("--auth-timeout", type=_positive_seconds, default=5.0, metavar="S",
+    p.add_argument("--auth-timeout", type=positive_seconds, default=5.0, metavar="S",
                    help="--tcp: seconds a client has to send its token (5)")
-    p.add_argument("--frame-timeout", type=_positive_seconds, default=10.0, metavar="S",
+    p.add_argument("--frame-timeout", type=positive_seconds, default=10.0, metavar="S",
                    help="seconds a message, once begun, has to arrive whole (10)")
-    p.add_argument("--idle-evict", type=_positive_seconds, default=30.0, metavar="S",
+    p.add_argument("--idle-evict", type=positive_seconds, default=30.0, metavar="S",
                    help="when every connection place is taken, one idle this long is closed to make room (30)")
     p.add_argument("--decoding", default=DEFAULT_DECODING, choices=DECODINGS,
                    help=f"decoding for requests that do not choose (default {DEFAULT_DECODING}; see `diffucode infill --help`)")
@@ -219,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache", action="store_true",
                    help="fast decoding: keep each document's far context (code well before the cursor, encoded "
                         "chunk by chunk) and reuse it for the document's next request")
-    p.add_argument("--no-watch", action="store_true", help="do not reload when the model's files change")
+    p.add_argument("--no-watch", action="store_true",
+                   help="do not reload when the model's (or the adapter's) files change")
     p.add_argument("--standby", action="store_true",
                    help="keep a second process ready (Python and torch loaded, no model) that takes over within "
                         "a second if this daemon dies without shutting down; the language server asks for it")
@@ -239,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="print the running daemon's status",
                        description="Ask the daemon at the address for its status. Exit status 1 "
                                    "when no daemon answers.")
-    _address_options(p)
+    address_options(p)
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(run=cmd_status)
 
@@ -263,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nf4: keep the per-block absmax in fp32 instead of quantizing it too (~0.4 bit/weight more)")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="quantize lm_head too (it stays in the checkpoint's dtype by default)")
-    p.add_argument("--shard-size", type=_positive_int, default=1024, metavar="MB",
+    p.add_argument("--shard-size", type=positive_int, default=1024, metavar="MB",
                    help="largest output shard in MiB (default 1024); host memory holds about one shard")
     p.add_argument("--check-accuracy", action="store_true",
                    help="afterwards, compare the quantized and full logits on fixed inputs (loads both)")
@@ -287,14 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="branch, tag or commit")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory (default: HF_HOME's)")
     p.set_defaults(run=cmd_pull)
+
+    from diffucode.tune.command import add_parser as add_tune  # torch-free at import
+
+    add_tune(sub)
     return parser
 
 
 def _engine(args, **kw):
-    """The Engine for --model (default: the bundled model) on --device, --dtype, --quantize."""
+    """The Engine for --model (default: the bundled model) on --device, --dtype, --quantize, with --adapter."""
     from diffucode import Engine
 
-    return Engine.load(args.model, args.device, args.dtype, args.quantize, **kw)
+    return Engine.load(args.model, args.device, args.dtype, args.quantize, adapter=getattr(args, "adapter", None),
+                       **kw)
 
 
 def _sampler_args(args) -> Options:
@@ -399,7 +296,7 @@ def cmd_refine(args) -> int:
 def cmd_serve(args) -> int:
     from diffucode.daemon.serve.main import serve
 
-    return serve(args, _address(args))
+    return serve(args, address_of(args))
 
 
 def cmd_status(args) -> int:
@@ -407,7 +304,7 @@ def cmd_status(args) -> int:
 
     from diffucode.daemon.rpc.client import probe
 
-    address = _address(args)
+    address = address_of(args)
     status = asyncio.run(probe(address, timeout=5.0))
     if status is None:
         print(f"no daemon is listening at {address}", file=sys.stderr)
@@ -431,6 +328,12 @@ def cmd_status(args) -> int:
     print(f"served:  {counters['completed']} completed, {counters['cancelled']} cancelled, "
           f"{counters['failed']} failed")
     print(f"reload:  {reload['state']}" + (f" ({reload['error']})" if reload.get("error") else ""))
+    if status.get("adapter"):  # (optional in the protocol: older daemons do not send it)
+        a = status["adapter"]
+        reward = "none" if a.get("last_reward") is None else f"{a['last_reward']:.4g}"
+        reloads = reload.get("adapter_reloads") or 0
+        print(f"adapter: {a['path']} (LoRA rank {a['rank']}, {a['steps']} steps, last reward {reward}"
+              + (f", reloaded {reloads} times)" if reloads else ")"))
     return 0
 
 
