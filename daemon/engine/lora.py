@@ -66,7 +66,7 @@ class LoraSettings:
 class LoraLinear(nn.Module):
     """`base` plus a low-rank path (module docstring). `enabled = False` gives the base alone."""
 
-    def __init__(self, base: nn.Module, settings: LoraSettings, device: torch.device):
+    def __init__(self, base: nn.Module, settings: LoraSettings, device: torch.device, seed: int = 0):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -74,7 +74,8 @@ class LoraLinear(nn.Module):
         # the low-rank path trains and runs in fp32 whatever the base's dtype (it is small)
         self.lora_A = nn.Linear(self.in_features, settings.rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(settings.rank, self.out_features, bias=False, device=device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's initialisation
+        gen = torch.Generator(device=device).manual_seed(seed)  # the same start in every process
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=gen)  # peft's initialisation
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(settings.dropout) if settings.dropout else nn.Identity()
         self.enabled = True
@@ -96,8 +97,9 @@ def attached(network: nn.Module) -> bool:
     return any(True for _ in _wrapped(network))
 
 
-def attach(network: nn.Module, settings: LoraSettings) -> list[str]:
-    """Wrap every target layer in a fresh LoraLinear (B = 0: outputs unchanged); the names wrapped."""
+def attach(network: nn.Module, settings: LoraSettings, seed: int = 0) -> list[str]:
+    """Wrap every target layer in a fresh LoraLinear (B = 0: outputs unchanged); the names wrapped.
+    A's random start depends on `seed` and the layer's name only."""
     settings.check()
     if attached(network):
         raise InputError("the network already carries a LoRA adapter; detach it first")
@@ -106,8 +108,10 @@ def attach(network: nn.Module, settings: LoraSettings) -> list[str]:
     for parent_name, parent in list(network.named_modules()):
         for child_name, child in list(parent.named_children()):
             if child_name in settings.targets and hasattr(child, "in_features"):
-                setattr(parent, child_name, LoraLinear(child, settings, device))
-                names.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+                name = f"{parent_name}.{child_name}" if parent_name else child_name
+                layer_seed = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+                setattr(parent, child_name, LoraLinear(child, settings, device, layer_seed))
+                names.append(name)
     if not names:
         raise InputError(f"no layer named {', '.join(settings.targets)} to carry a LoRA adapter")
     return names
