@@ -56,7 +56,8 @@ def held_out_docs(which: str) -> list[heldout.Doc]:
     return [d for d in heldout.read_split(corpus, "held_out") if d.source != "stdlib"]
 
 
-def _parses(text: str) -> bool:
+def parses(text: str) -> bool:
+    """Whether `text` is valid Python (ast.parse); also tune's format reward."""
     try:
         ast.parse(text)
         return True
@@ -84,7 +85,7 @@ def samples(n: int, seed: int, which: str = "stdlib", kind: str = "single", befo
         if not starts:
             continue
         if j not in parsed:
-            parsed[j] = _parses(docs[j].text)
+            parsed[j] = parses(docs[j].text)
         if not parsed[j]:
             continue
         i = rng.choice(starts)
@@ -122,18 +123,18 @@ def editor_pass(case: Case) -> str:
 
 
 def score(preds: list[str], cases: list[Case], tok) -> dict:
-    exact = similar = parses = tokens = 0.0
+    exact = similar = parsed = tokens = 0.0
     for pred, case in zip(preds, cases):
         p, t = scored_text(pred, case), scored_text(case.middle, case)
         exact += p == t
         similar += difflib.SequenceMatcher(None, p, t, autojunk=False).ratio()
         placed = p + "\n" if p else ""
-        parses += _parses(case.before + placed + case.after)
+        parsed += parses(case.before + placed + case.after)
         tt, pt = tok.encode(t), tok.encode(p)
         tokens += sum(a == b for a, b in zip(tt, pt)) / max(1, len(tt))
     n = max(1, len(cases))
     return {"exact_match": round(100 * exact / n, 1), "edit_similarity": round(100 * similar / n, 1),
-            "parses": round(100 * parses / n, 1), "token_accuracy": round(100 * tokens / n, 1)}
+            "parses": round(100 * parsed / n, 1), "token_accuracy": round(100 * tokens / n, 1)}
 
 
 BASELINES = {

@@ -11,9 +11,9 @@ torch here.
 
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass
 
+from diffucode.quality import parses
 from diffucode.tune.repo import Target
 from diffucode.tune.sandbox import Sandbox, TestRun
 
@@ -36,15 +36,6 @@ class Reward:
 
 def combine(code: float, fmt: float) -> float:
     return CODE_WEIGHT * code + FORMAT_WEIGHT * fmt
-
-
-def parses(text: str) -> bool:
-    """Whether `text` is valid Python (ast.parse)."""
-    try:
-        ast.parse(text)
-        return True
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return False
 
 
 def place(target: Target, completion: str) -> str:

@@ -214,18 +214,20 @@ class Tuner:
     @torch.no_grad()
     def evaluate(self, targets: list[Target]) -> dict:
         """Greedy answers for `targets` (this process's share), rewarded: mean reward, pass rate
-        (the code term), share that parse, exact matches."""
+        (the code term: share of tests passed, or edit similarity without tests), share of functions
+        whose tests all pass (whose answer matches, without tests), share that parse, exact matches."""
         kept = [t for t in targets if len(self.tasks.tok.encode(t.body)) < self.settings.canvas]
         mine = kept[self.world.rank::self.world.size]
         got = []
         for target in mine:
             text, _ = self.sample(target, 1, 0, 0.0)[0]
             got.append((self.reward(target, [text])[0], text.rstrip("\n") == target.body.rstrip("\n")))
-        n, r, code, fmt, exact = self.world.sum([len(got), sum(g.total for g, _ in got), sum(g.code for g, _ in got),
-                                                  sum(g.format for g, _ in got), sum(e for _, e in got)])
+        n, r, code, whole, fmt, exact = self.world.sum(
+            [len(got), sum(g.total for g, _ in got), sum(g.code for g, _ in got), sum(g.code == 1.0 for g, _ in got),
+             sum(g.format for g, _ in got), sum(e for _, e in got)])
         n = max(n, 1)
         return {"functions": int(n), "reward": round(r / n, 4), "pass_rate": round(code / n, 4),
-                "parses": round(fmt / n, 4), "exact": round(exact / n, 4)}
+                "all_pass": round(whole / n, 4), "parses": round(fmt / n, 4), "exact": round(exact / n, 4)}
 
     def record(self) -> dict:
         return {"settings": asdict(self.settings), "world_size": self.world.size, "fit_canvas": len(self.targets)}
