@@ -21,12 +21,19 @@ import re
 import sys
 from pathlib import Path
 
-from diffucode.cli_options import (LIMITS, address_of, address_options, decoding_options, int_at_least,
-                                   model_options, positive_int, positive_seconds, sampler_options, task_options)
+from diffucode.cli_options import (LIMITS, CommandParser, address_of, address_options, decoding_options,
+                                   int_at_least, model_options, option_flags, positive_int, positive_seconds,
+                                   sampler_options, task_options, with_flags)
 from diffucode.daemon.engine.options import ALTERNATIVES_TEMPERATURE, DECODINGS, DEFAULT_DECODING, Options
+from diffucode.daemon.errors import InputError, TooLarge
+
+
+class UnreadableFile(InputError):
+    """FILE cannot be read; its message names the path, and main() leaves it as it is."""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffucode", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="diffucode", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="denoise from token ids, like the reference diffusion_generate",
@@ -35,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint without tokenizer files.")
     model_options(p, "; tokenizer files are not needed")
     p.add_argument("--input-ids", required=True, help="prompt token ids, comma-separated: 5,17,99")
-    sampler_options(p, "origin", "masks after the prompt (default 32)")
+    sampler_options(p, "origin", "masks after the prompt (default 32)", canvas_limit=False)
     p.add_argument("--json", action="store_true",
                    help='print {"output_ids": prompt + canvas, "history": the sequence after each step}')
     p.set_defaults(run=cmd_generate)
@@ -183,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     from diffucode.tune.command import add_parser as add_tune  # torch-free at import
 
     add_tune(sub)
+    for p in sub.choices.values():  # an engine error naming max_new_tokens is reported as --max-new-tokens
+        p.set_defaults(option_flags=option_flags(p))
     return parser
 
 
@@ -201,24 +210,31 @@ def _sampler_args(args) -> Options:
 
 
 def _read(path: Path) -> str:
-    from diffucode.daemon.errors import InputError
-
+    """The file's text; every reason it cannot be read is one line naming the path."""
     try:
         return path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise InputError(f"{path}: no such file")
+        raise UnreadableFile(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UnreadableFile(f"{path} is a directory, not a file") from None
+    except PermissionError:
+        raise UnreadableFile(f"{path}: permission denied (cannot read it)") from None
+    except OSError as e:
+        raise UnreadableFile(f"{path}: cannot read it ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e})")
+        raise UnreadableFile(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
 
 
 def cmd_generate(args) -> int:
-    from diffucode.daemon.errors import InputError
-
     try:
         ids = [int(t) for t in args.input_ids.replace(" ", "").split(",") if t]
     except ValueError:
         raise InputError(f"--input-ids {args.input_ids!r}: expected comma-separated integers")
     engine = _engine(args, require_tokenizer=False)
+    positions = engine.checkpoint.config.max_position_embeddings
+    if ids and len(ids) + args.max_new_tokens > positions:
+        raise TooLarge(f"--max-new-tokens {args.max_new_tokens}: the prompt's {len(ids)} ids and the canvas exceed "
+                       f"this model's {positions} positions (at most {max(0, positions - len(ids))} canvas tokens fit)")
     (answer,) = engine.generate(ids, opts=_sampler_args(args), keep_history=args.json)
     out = ids + answer.ids
     if args.json:
@@ -229,7 +245,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_infill(args) -> int:
-    from diffucode.daemon.errors import InputError
     from diffucode.daemon.engine.tasks import locate
 
     text = _read(args.file)
@@ -270,13 +285,14 @@ def _lines(text: str) -> list[str]:
 def cmd_refine(args) -> int:
     import difflib
 
-    from diffucode.daemon.errors import InputError
     from diffucode.daemon.engine.tasks import line_span
 
-    try:
-        first, last = (int(v) for v in args.lines.split("-"))
-    except ValueError:
+    span = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", args.lines)
+    if not span:
         raise InputError(f"--lines {args.lines!r}: expected A-B, e.g. 3-10")
+    first, last = int(span[1]), int(span[2])
+    if first > last:
+        raise InputError(f"--lines {first}-{last}: the first line is after the last (did you mean {last}-{first}?)")
     text = _read(args.file)
     start, end = line_span(text, first, last)
     engine = _engine(args, decoding=args.decoding, prompt_format=args.prompt_format)
@@ -396,5 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except DiffucodeError as e:
-        print(f"diffucode {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line
+        if isinstance(e, InputError) and not isinstance(e, UnreadableFile):  # max_new_tokens: --max-new-tokens
+            message = with_flags(message, getattr(args, "option_flags", {}))
+        print(f"diffucode {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -8,6 +8,9 @@ engine's `Options` and `Limits`. Torch-free at import: `diffucode --help` stays 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import re
 from pathlib import Path
 
 from diffucode.daemon.engine.options import (ALGORITHMS, DECODINGS, DEFAULT_THRESHOLD, LENGTHS, Limits,
@@ -16,15 +19,52 @@ from diffucode.daemon.engine.options import (ALGORITHMS, DECODINGS, DEFAULT_THRE
 DEFAULTS, LIMITS = Options(), Limits()  # the engine's: every default below is read from these
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `diffucode infill: error: argument --line: must be >= 1, got 0`
+    and where the help is, exit status 2, no usage dump (`--help` still prints the full help).
+    Subcommands are built with the parent's class, so every command, tune's included, has it."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's destination (an Options field name, such as max_new_tokens) -> its flag."""
+    return {a.dest: max(a.option_strings, key=len) for a in parser._actions
+            if a.option_strings and a.dest != "help"}
+
+
+def with_flags(message: str, flags: dict[str, str]) -> str:
+    """An engine message with this command's option names spelt as its flags: a snake_case name
+    (max_new_tokens) anywhere, a plain one (steps, seed, lines) only as the message's first word."""
+    def flag(m: re.Match) -> str:
+        return flags.get(m.group(0), m.group(0))
+
+    message = re.sub(r"(?<![\w/.-])[a-z]+(?:_[a-z]+)+\b(?![/.-])", flag, message)
+    return re.sub(r"^[a-z]+(?= )", flag, message)
+
+
+@functools.lru_cache(maxsize=1)
+def bundled_positions() -> int | None:
+    """The bundled model's positions (max_position_embeddings), for the help; None if unreadable."""
+    from diffucode.models import BUNDLED
+
+    try:
+        return int(json.loads((BUNDLED / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def int_at_least(minimum: int):
     """An argparse type: an integer >= minimum, else an error naming the value and the limit."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
     return parse
 
@@ -64,9 +104,14 @@ def model_options(p: argparse.ArgumentParser, tokenizer_note: str = "", adapter:
                             "on the base weights it was trained on. `serve` reloads it when its files change")
 
 
-def sampler_options(p: argparse.ArgumentParser, default_alg: str, tokens_help: str) -> None:
+def sampler_options(p: argparse.ArgumentParser, default_alg: str, tokens_help: str, canvas_limit: bool = True) -> None:
     g = p.add_argument_group("sampling (the reference sampler's options)")
-    g.add_argument("--max-new-tokens", type=positive_int, default=DEFAULTS.max_new_tokens, help=tokens_help)
+    positions = bundled_positions()
+    model = "the model's positions" + (f" ({positions} for the bundled model)" if positions else "")
+    limit = (f"at most the smaller of the canvas limit ({LIMITS.max_canvas_tokens}) and {model}, less the prompt's "
+             f"tokens" if canvas_limit else f"the prompt and the canvas must fit {model}")
+    g.add_argument("--max-new-tokens", type=positive_int, default=DEFAULTS.max_new_tokens, metavar="N",
+                   help=f"{tokens_help}; {limit}")
     g.add_argument("--length", choices=LENGTHS, default=DEFAULTS.length,
                    help=f"fixed: the canvas is --max-new-tokens; auto: --max-new-tokens is an upper bound and one "
                         f"forward pass chooses the canvas (default {DEFAULTS.length})")

@@ -370,7 +370,7 @@ def test_killed_daemon_fails_pending_request_and_reconnects_after_backoff(base, 
 
 # --- TCP -----------------------------------------------------------------------------------------
 
-def test_tcp_with_the_right_token_works_and_a_wrong_one_is_refused(base, tiny_dir):
+def test_tcp_with_the_right_token_works_and_a_wrong_one_is_refused(base, tiny_dir, capsys):
     port, token_file, log = free_port(), base / "tcp.token", base / "tcp.log"
     address = Address(host="127.0.0.1", port=port, token_file=token_file)
     proc = start_daemon(tiny_dir, log, "--tcp", f"127.0.0.1:{port}", "--token-file", str(token_file))
@@ -390,6 +390,11 @@ def test_tcp_with_the_right_token_works_and_a_wrong_one_is_refused(base, tiny_di
             with pytest.raises(RPCError) as e:
                 await refused.connect()
             assert e.value.code == ErrorCode.UNAUTHORIZED and not refused.connected
+            # the error says which file held the refused token, and how to give the right one
+            assert f"refused the token in {wrong_file}" in e.value.message and "--token-file" in e.value.message
+            absent = base / "absent.token"
+            with pytest.raises(DaemonUnavailable, match=f"cannot read the daemon's token from {absent}: .*--token-file"):
+                await DaemonClient(Address(host="127.0.0.1", port=port, token_file=absent)).connect()
 
             reconnecting = ReconnectingClient(wrong)
             with pytest.raises(DaemonUnavailable):
@@ -397,6 +402,11 @@ def test_tcp_with_the_right_token_works_and_a_wrong_one_is_refused(base, tiny_di
             assert reconnecting.state == "down" and "UNAUTHORIZED" in reconnecting.last_error
 
         run(main())
+        from diffucode.cli import main as cli
+
+        code = cli(["status", "--tcp", f"127.0.0.1:{port}", "--token-file", str(wrong_file)])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and f"refused the token in {wrong_file}" in err
     finally:
         stop_daemon(proc)
 

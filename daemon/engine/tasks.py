@@ -60,9 +60,25 @@ def _finite(name: str, value) -> None:
         raise InputError(f"{name} must be a finite number, got {value!r}")
 
 
-def check_options(opts: Options, limits: Limits, lengths: list[int] | None = None) -> None:
+def check_canvas_size(name: str, n: int, limits: Limits, positions: int | None = None, template: int = 0) -> None:
+    """A canvas of n tokens (option `name`) within the smaller of the canvas limit and what the
+    model's `positions` leave beside the prompt's `template` tokens; the error names the limit that
+    binds, the model's first when it is the smaller (TooLarge)."""
+    room = None if positions is None else max(0, positions - template)
+    if room is not None and n > room and room < limits.max_canvas_tokens:
+        why = ("the canvas alone is too long for this model" if n > positions else
+               f"the canvas and the prompt's {template} tokens are too long for this model")
+        raise TooLarge(f"{name} {n}: {why}: sequence of {n + template} tokens exceeds the model's {positions} "
+                       f"positions (at most {room} canvas tokens fit)")
+    if n > limits.max_canvas_tokens:
+        raise TooLarge(f"{name} {n}: a canvas of {n} tokens exceeds the limit of {limits.max_canvas_tokens}")
+
+
+def check_options(opts: Options, limits: Limits, lengths: list[int] | None = None, positions: int | None = None,
+                  template: int = 0) -> None:
     """Every sampling option within the range the sampler can honour, before any work: each error
-    names the option, the value and the limit (InputError; TooLarge for sizes over a limit)."""
+    names the option, the value and the limit (InputError; TooLarge for sizes over a limit).
+    `positions`: the model's, of which the prompt template takes `template` (canvas sizes must fit)."""
     for name in ("temperature", "top_p", "alg_temp", "eps", "threshold"):
         _finite(name, getattr(opts, name))
     if opts.length not in LENGTHS:
@@ -78,8 +94,7 @@ def check_options(opts: Options, limits: Limits, lengths: list[int] | None = Non
     n = opts.max_new_tokens
     if n < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {n}")
-    if n > limits.max_canvas_tokens:
-        raise TooLarge(f"max_new_tokens: a canvas of {n} tokens exceeds the limit of {limits.max_canvas_tokens}")
+    check_canvas_size("max_new_tokens", n, limits, positions, template)
     if opts.steps is not None and not 1 <= opts.steps <= n:
         raise InputError(f"steps must be in [1, max_new_tokens = {n}] (a step reveals at least one token), "
                          f"got {opts.steps}")
@@ -99,8 +114,7 @@ def check_options(opts: Options, limits: Limits, lengths: list[int] | None = Non
         for k in lengths:
             if k < 1:
                 raise InputError(f"lengths holds {k}; each canvas size must be >= 1")
-            if k > limits.max_canvas_tokens:
-                raise TooLarge(f"lengths: a canvas of {k} tokens exceeds the limit of {limits.max_canvas_tokens}")
+            check_canvas_size("lengths holds", k, limits, positions, template)
 
 
 def check_text(limits: Limits, **texts: str) -> None:
@@ -328,9 +342,10 @@ class Tasks:
     # --- tasks ---------------------------------------------------------------------------
 
     def check(self, opts: Options, lengths: list[int] | None = None, **texts: str) -> None:
-        """Options and text sizes within the limits (raises InputError / TooLarge); cheap, no
-        tokenizing: the daemon calls it before queueing a request, every task again on entry."""
-        check_options(opts, self.limits, lengths)
+        """Options and text sizes within the limits, canvas sizes within the model's positions
+        (raises InputError / TooLarge); cheap, the texts not tokenized: the daemon calls it before
+        queueing a request, every task again on entry."""
+        check_options(opts, self.limits, lengths, self.ckpt.config.max_position_embeddings, self.template_tokens)
         check_text(self.limits, **texts)
 
     def complete(self, before: str, opts: Options = Options(),

@@ -47,7 +47,14 @@ class Address:
         try:
             return self.token_file.read_text().strip()
         except OSError as e:
-            raise InputError(f"cannot read the daemon's token from {self.token_file}: {e.strerror}") from e
+            raise InputError(f"cannot read the daemon's token from {self.token_file}: {e.strerror}; "
+                             f"{self.token_help()}") from e
+
+    def token_help(self) -> str:
+        """How to give a TCP client the daemon's token (for its errors)."""
+        return (f"the daemon writes its token when it starts, to its --token-file, else to daemon-{self.port}.token "
+                f"in its runtime folder ($XDG_RUNTIME_DIR/diffucode); give this client --token-file with the "
+                f"daemon's file, or restart the daemon as `diffucode serve --tcp {self} --token-file {self.token_file}`")
 
 
 def default_address() -> Address:

@@ -129,6 +129,12 @@ class DaemonClient(_Methods):
             except (DiffucodeError, TimeoutError) as e:  # no token file; no answer to `auth`
                 await self.close()
                 raise DaemonUnavailable(str(e), listening=True) from e
+            except RPCError as e:  # UNAUTHORIZED: the file holds another token; say which file, and the fix
+                await self.close()
+                if e.code != ErrorCode.UNAUTHORIZED:
+                    raise
+                raise RPCError(e.code, f"the daemon at {self.address} refused the token in {self.address.token_file} "
+                                       f"({e.message}); {self.address.token_help()}", e.data) from e
             except BaseException:
                 await self.close()
                 raise
