@@ -26,6 +26,7 @@ KEYS = {
     "context.afterTokens": "after_tokens",
     "enabledLanguages": "enabled_languages",
     "requestTimeoutMs": "request_timeout_ms",
+    "completion.minConfidence": "min_confidence",
 }
 
 
@@ -46,6 +47,9 @@ class Settings:
     after_tokens: int = 512
     enabled_languages: dict = field(default_factory=lambda: {"*": True})
     request_timeout_ms: float = 10000.0
+    # a suggestion is cut before its first token less confident than this (0: no cut); measured
+    # on the bundled model by benchmarks/confidence_cut.py (README, "Post-processing")
+    min_confidence: float = 0.1
 
     def language_enabled(self, language_id: str) -> bool:
         langs = self.enabled_languages
@@ -77,6 +81,7 @@ NUMBERS = {
     "before_tokens": ("int", 0),  # 0: no text before the cursor (only snippets)
     "after_tokens": ("int", 0),  # 0: no text after the cursor
     "request_timeout_ms": ("number", 1),
+    "min_confidence": ("number", 0),  # 0: no cut
 }
 KINDS = {"int": "an integer", "number": "a number"}
 OTHER_KINDS = {"str": (str, "a string"), "bool": (bool, "a boolean"), "dict": (dict, "an object")}
