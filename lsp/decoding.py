@@ -5,8 +5,9 @@ The daemon reports, for every answer, its tokens as text, the denoising step tha
 (-1: kept from before, as most of a refinement is) and the order's AR-ness. What the user was
 shown is not always that text: post-processing cuts a suggestion, strips its leading indentation
 and trailing spaces. `fit_tokens` keeps the tokens that survive, cut to the shown text, so that
-the replay shows exactly what was suggested. This module knows text and positions, not the
-daemon's messages, and logs nothing (the tokens are completion text).
+the replay shows exactly what was suggested; a proposal re-indented to its block (lsp/indent.py)
+has its tokens re-indented with it (`reindent_tokens`). This module knows text and positions, not
+the daemon's messages, and logs nothing (the tokens are completion text).
 """
 
 from __future__ import annotations
@@ -45,6 +46,36 @@ def fit_tokens(tokens: list[str], order: list[int], shown: str) -> tuple[list[st
         if stopped or j >= len(shown):
             break
     return out_tokens, out_order
+
+
+def reindent_tokens(tokens: list[str], order: list[int], text: str) -> tuple[list[str], list[int]]:
+    """The tokens (and their steps) of an answer whose lines were re-indented into `text`
+    (lsp/indent.py): each line's old indentation is dropped and `text`'s given to the token that
+    starts the line, so that the tokens join to `text`. Tokens left empty are left out. When the
+    lines do not match up (not a re-indentation), the answer is cut to `text` by `fit_tokens`."""
+    lines = text.split("\n")
+    pieces: list[list[str]] = [[] for _ in tokens]
+    line, at_start = 0, True
+    for k, token in enumerate(tokens):
+        for ch in token:
+            if at_start and ch in " \t":
+                continue  # the old indentation
+            if at_start:
+                if line >= len(lines):
+                    return fit_tokens(tokens, order, text)
+                body = lines[line].lstrip(" \t")
+                pieces[k].append(lines[line][:len(lines[line]) - len(body)])
+                at_start = False
+            pieces[k].append(ch)
+            if ch == "\n":
+                line, at_start = line + 1, True
+    if at_start and tokens and line < len(lines):
+        pieces[-1].append(lines[line])  # a last line of indentation only
+    out = [("".join(p), step) for p, step in zip(pieces, order) if p]
+    new_tokens, new_order = [t for t, _ in out], [s for _, s in out]
+    if REPLACEMENT not in "".join(tokens) and "".join(new_tokens) != text:  # (a split character cannot match)
+        return fit_tokens(tokens, order, text)
+    return new_tokens, new_order
 
 
 def end_position(start: tuple[int, int], text: str, columns) -> tuple[int, int]:

@@ -25,8 +25,9 @@ from diffucode.daemon.rpc.client import DaemonUnavailable
 from diffucode.daemon.rpc.protocol import InfillParams, RefineParams, RPCError
 
 from .context import WorkspaceIndex, uri_to_path
-from .decoding import end_position, fit_tokens
+from .decoding import end_position, fit_tokens, reindent_tokens
 from .functions import body_start, enclosing_function
+from .indent import indent_style, parse_check, reindent
 from .methods import (LSP_DID_ACCEPT, LSP_DID_REJECT, LSP_DID_SHOW, LSP_FILL_SELECTION, LSP_LAST_DECODING,
                       LSP_REFINE_FUNCTION, LSP_SNOOZE, LSP_STATUS, LSP_TOGGLE)
 from .postprocess import postprocess
@@ -95,6 +96,7 @@ async def did_change_configuration(ls: DiffucodeServer, params: lsp.DidChangeCon
 
 @server.feature(lsp.SHUTDOWN)
 async def shutdown(ls: DiffucodeServer, params) -> None:
+    ls.forget_waiting()
     if ls.context.index is not None:
         ls.context.index.stop()
     if ls.daemon is not None:
@@ -115,6 +117,7 @@ def did_open(ls: DiffucodeServer, params: lsp.DidOpenTextDocumentParams) -> None
 @server.feature(lsp.TEXT_DOCUMENT_DID_CLOSE)
 def did_close(ls: DiffucodeServer, params: lsp.DidCloseTextDocumentParams) -> None:
     ls.decodings.forget(params.text_document.uri)
+    ls.forget_waiting(params.text_document.uri)
 
 
 # --- inline completion -----------------------------------------------------------------------
@@ -122,22 +125,26 @@ def did_close(ls: DiffucodeServer, params: lsp.DidCloseTextDocumentParams) -> No
 @server.feature(lsp.TEXT_DOCUMENT_INLINE_COMPLETION, lsp.InlineCompletionOptions())  # options: advertised
 async def inline_completion(ls: DiffucodeServer, params: lsp.InlineCompletionParams) -> lsp.InlineCompletionList:
     empty = lsp.InlineCompletionList(items=[])
+    t0 = time.monotonic()
     doc = ls.workspace.get_text_document(params.text_document.uri)
     if not ls.active(doc.language_id or ""):
         return empty
     text = doc.source
     offset = offset_at(doc, params.position)
-    invoked = params.context.trigger_kind == lsp.InlineCompletionTriggerKind.Invoked
+    invoked = (params.context.trigger_kind == lsp.InlineCompletionTriggerKind.Invoked
+               and not ls.is_retry(doc.uri, doc.version, params.position))  # a retry stands for a keystroke
     raw_before, raw_after = text[:offset], text[offset:]
 
     cached = ls.cache.get(doc.uri, raw_before, raw_after)
     if cached is not None and (not invoked or len(cached) > 1):
         return items(ls, doc.uri, cached, params.position)
     if not ls.connected():
+        ls.answered_without_daemon(doc.uri, doc.version, params.position)  # asked again once it is ready
         return empty  # never wait for a daemon that is not there; status says why
 
-    if not invoked:
-        await asyncio.sleep(ls.debouncer.delay_ms() / 1000)  # a newer keystroke cancels us here
+    debounce_ms = ls.debouncer.delay_ms() if not invoked else 0.0
+    if debounce_ms:
+        await asyncio.sleep(debounce_ms / 1000)  # a newer keystroke cancels us here
     before, after = ls.request_context(doc.uri, text, offset, language_id=doc.language_id or "")
     mid_line = raw_after.split("\n", 1)[0].strip() != ""
     budget = min(ls.settings.max_new_tokens, 16) if mid_line else ls.settings.max_new_tokens
@@ -147,15 +154,22 @@ async def inline_completion(ls: DiffucodeServer, params: lsp.InlineCompletionPar
                            before_tokens=ls.settings.before_tokens, after_tokens=ls.settings.after_tokens,
                            sampling=ls.sampling(budget))
     found: list[str] = []
+    t_ask = time.monotonic()
     try:
         result = await ls.infill(params_)
+        daemon_ms = (time.monotonic() - t_ask) * 1000
     except (DaemonUnavailable, RPCError, asyncio.TimeoutError) as e:
         log.info("inline completion: %s", e)
+        if isinstance(e, DaemonUnavailable):
+            ls.answered_without_daemon(doc.uri, doc.version, params.position)
         return empty
     answers = result.alternatives or [{"text": result.text, "tokens": result.tokens, "order": result.order,
                                        "ar_ness": result.ar_ness}]
     for rank, answer in enumerate(answers):
-        text_ = postprocess(answer["text"], raw_before, raw_after)
+        # per-token confidences come with the result only (an alternative's is its mean): cut that one
+        confidence = result.confidence if answer["text"] == result.text else None
+        text_ = postprocess(answer["text"], raw_before, raw_after, answer.get("tokens"), confidence,
+                            ls.settings.min_confidence)
         if text_ is not None and text_ not in found:
             if not found:  # the item the editor shows first: what "Show Decoding Order" replays
                 # the best alternative's AR-ness is the result's; the others' come only if the daemon sends it
@@ -165,6 +179,12 @@ async def inline_completion(ls: DiffucodeServer, params: lsp.InlineCompletionPar
             found.append(text_)
     if found:
         ls.cache.put(doc.uri, raw_before, raw_after, found)
+    if log.isEnabledFor(logging.DEBUG):  # one line per answered completion: where its time went
+        total_ms = (time.monotonic() - t0) * 1000  # daemon_ms: the round trip; elapsed/queued: the daemon's own
+        log.debug("completion timing: total_ms=%.1f debounce_ms=%.1f daemon_ms=%.1f server_ms=%.1f "
+                  "daemon_elapsed_ms=%.1f daemon_queued_ms=%.1f steps=%d items=%d", total_ms, debounce_ms,
+                  daemon_ms, total_ms - debounce_ms - daemon_ms, result.elapsed_ms, result.queued_ms,
+                  result.steps, len(found))
     return items(ls, doc.uri, found, params.position)
 
 
@@ -208,9 +228,28 @@ async def fill_selection(ls: DiffucodeServer, params) -> dict:
     result = await ls.infill(InfillParams(
         before=before, after=after, group=f"{doc.uri}#fill", before_tokens=ls.settings.before_tokens,
         after_tokens=ls.settings.after_tokens, sampling=ls.sampling(canvas)))
-    remember(ls, doc.uri, "fill", vars(result), result.text, result.steps, result.ar_ness,
-             {"range": proposal_range(doc, p["range"]["start"], result.text)})
-    return {"edits": [{"range": p["range"], "text": result.text}], "version": version}
+    new = fitted(ls, doc, "fill", result, text, start, end, p["range"]["start"])
+    return {"edits": [{"range": p["range"], "text": new}], "version": version,
+            **parse_flags(doc, text, start, end, new)}
+
+
+def fitted(ls: DiffucodeServer, doc, kind: str, result, text: str, start: int, end: int, at: dict) -> str:
+    """A proposal's text re-indented to the block it replaces (text[start:end]; lsp/indent.py),
+    its decoding kept for the replay with the tokens re-indented alike."""
+    line_start = text.rfind("\n", 0, start) + 1
+    new = reindent(result.text, text[start:end], text[line_start:start], *indent_style(text))
+    tokens, order = reindent_tokens(result.tokens or [], result.order or [], new)
+    remember(ls, doc.uri, kind, {"tokens": tokens, "order": order}, new, result.steps, result.ar_ness,
+             {"range": proposal_range(doc, at, new)})
+    return new
+
+
+def parse_flags(doc, text: str, start: int, end: int, new: str) -> dict:
+    """`parses` and `parseError` of a proposal replacing text[start:end] by `new` (lsp/methods.py)."""
+    parses, error = parse_check(doc.language_id or "", text, text[:start] + new + text[end:])
+    if parses is False:
+        log.info("%s: the proposal does not parse (%s)", doc.uri, error)
+    return {"parses": parses, "parseError": error}
 
 
 @server.feature(LSP_REFINE_FUNCTION)
@@ -233,10 +272,10 @@ async def refine_function(ls: DiffucodeServer, params) -> dict:
         sampling=ls.sampling()))
     rng = {"start": {"line": span[0], "character": 0},
            "end": {"line": span[1], "character": client_columns(doc, lines[span[1]])}}
-    remember(ls, doc.uri, "refinement", vars(result), result.text, result.steps, result.ar_ness,
-             {"range": proposal_range(doc, rng["start"], result.text)})
-    return {"edits": [{"range": rng, "text": result.text}], "version": version, "range": rng,
-            "lines": line_confidence(result.tokens, result.confidence, span[0]), "note": refine_note(result.refined)}
+    new = fitted(ls, doc, "refinement", result, text, start, end, rng["start"])
+    return {"edits": [{"range": rng, "text": new}], "version": version, "range": rng,
+            "lines": line_confidence(result.tokens, result.confidence, span[0]), "note": refine_note(result.refined),
+            **parse_flags(doc, text, start, end, new)}
 
 
 def refine_note(refined: dict) -> str:

@@ -3,14 +3,21 @@ and `diffucode lsp`, beside the standard textDocument/inlineCompletion. Ranges a
 LSP's: 0-based lines, columns in the position encoding negotiated at initialize.
 
 diffucode/fillSelection   client -> server, request.
-    params {textDocument: {uri}, range}  ->  {edits: [{range, text}], version}
+    params {textDocument: {uri}, range}  ->  {edits: [{range, text}], version, parses, parseError}
     The selected range is re-written by the model (a canvas about the selection's size);
     `version` is the document version the edits apply to. Errors: the daemon's, as LSP errors.
 diffucode/refineFunction  client -> server, request.
     params {textDocument: {uri}, position}  ->  {edits: [{range, text}], version, range,
-    lines: [{line, confidence}]}: the enclosing function (Python through `ast`, others by
-    indentation and braces), its least confident tokens re-masked and denoised; `lines` gives
-    a confidence in [0, 1] per line of the new text (line numbers in the document after the edit).
+    lines: [{line, confidence}], note, parses, parseError}: the enclosing function (Python
+    through `ast`, others by indentation and braces), its least confident tokens re-masked and
+    denoised; `lines` gives a confidence in [0, 1] per line of the new text (line numbers in the
+    document after the edit); `note` says what the daemon's line guard kept.
+    Both re-indent the model's text to the block it replaces (lsp/indent.py: the first line as
+    the line it replaces, the others relative to it, tabs or spaces as the file uses). `parses`:
+    whether the Python file with the edits applied parses (`ast`); null for other languages and
+    for a file that did not parse before; `parseError` ("line 5: unexpected indent", a line of
+    the document after the edit) when it does not. The editor asks for an explicit second
+    confirmation before applying a proposal that does not parse.
 diffucode/lastDecoding    client -> server, request.
     params {textDocument: {uri}}  ->  {kind: "suggestion" | "refinement" | "fill", tokens: [str],
     order: [int], steps, ar_ness: {local, global} | null, position | range} or null: how the
@@ -22,6 +29,14 @@ diffucode/lastDecoding    client -> server, request.
     proposal the `range` its text covers once applied. null when the document has none.
 diffucode/status          client -> server, request. {} -> EditorStatus (below).
 diffucode/statusChanged   server -> client, notification. EditorStatus.
+diffucode/retryCompletion server -> client, notification. {textDocument: {uri, version}, position}
+                          The last inline completion answered empty because the daemon was not
+                          ready (starting, or down) was asked at `position` in that version of
+                          the document; the daemon is ready now. The editor asks again (VS Code:
+                          editor.action.inlineSuggest.trigger) only if that document is active at
+                          that version with the cursor at `position`. Sent once per such request;
+                          the request that follows there is answered as the keystroke it stands
+                          for (one suggestion, not an explicit trigger's alternatives).
 diffucode/toggle          client -> server, notification. {enabled: bool}
 diffucode/snooze          client -> server, notification. {minutes: number} (0 wakes up)
 diffucode/didShowCompletion, diffucode/didAcceptCompletion, diffucode/didRejectCompletion
@@ -37,6 +52,7 @@ LSP_REFINE_FUNCTION = "diffucode/refineFunction"
 LSP_LAST_DECODING = "diffucode/lastDecoding"
 LSP_STATUS = "diffucode/status"
 LSP_STATUS_CHANGED = "diffucode/statusChanged"
+LSP_RETRY_COMPLETION = "diffucode/retryCompletion"
 LSP_TOGGLE = "diffucode/toggle"
 LSP_SNOOZE = "diffucode/snooze"
 LSP_DID_SHOW = "diffucode/didShowCompletion"

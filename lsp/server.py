@@ -7,6 +7,10 @@ wait on the daemon are `async def`, so `$/cancelRequest` cancels them at their c
 the daemon client then cancels the daemon's work too. It never imports torch, and never prints
 to stdout (stdio is the protocol): logs go to stderr.
 
+A completion asked for while the daemon is not ready is answered empty at once, and remembered:
+the server keeps trying to connect, and when the daemon is ready it tells the editor to ask
+again there (diffucode/retryCompletion), since nothing else would ask until the next keystroke.
+
 This module holds the server's class and helpers; lsp/handlers.py creates the one instance,
 registers the features on it and is the `diffucode lsp` entry point. The dependency runs one
 way (handlers -> server), so each module can be read, and imported, on its own.
@@ -32,7 +36,7 @@ from .cache import CompletionCache
 from .context import ContextBuilder
 from .debounce import Debouncer
 from .decoding import LastDecodings
-from .methods import LSP_STATUS_CHANGED
+from .methods import LSP_RETRY_COMPLETION, LSP_STATUS_CHANGED
 from .settings import Settings, parse
 
 log = logging.getLogger("diffucode.lsp")
@@ -61,6 +65,10 @@ class DiffucodeServer(LanguageServer):
         self.error: str | None = None
         self._last_status: dict | None = None
         self._connecting: asyncio.Task | None = None
+        # the last inline completion answered empty for want of the daemon (diffucode/retryCompletion)
+        self.waiting: dict | None = None
+        self.retried: dict | None = None  # the last one the editor was told to ask again for
+        self._retry_timer: asyncio.TimerHandle | None = None
 
     # --- settings and the daemon ------------------------------------------------------------
 
@@ -112,8 +120,32 @@ class DiffucodeServer(LanguageServer):
 
         self._connecting = asyncio.ensure_future(attempt())
         # status() reads the task's state: publish again once it is done
-        self._connecting.add_done_callback(lambda _: self.publish_status())
+        self._connecting.add_done_callback(lambda _: self._attempt_done())
         self.publish_status()
+
+    def _attempt_done(self) -> None:
+        self.publish_status()
+        if self.waiting is not None:
+            self._retry_while_waiting()
+
+    def _retry_while_waiting(self) -> None:
+        """While a completion waits for the daemon, try again when the backoff allows: without
+        this, a daemon that is down is tried again only on the next request."""
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        if self.waiting is None or self.daemon is None or self.daemon.state == "connected":
+            return
+        if self._connecting is not None and not self._connecting.done():
+            return  # the attempt under way retries when it ends
+        self._retry_timer = asyncio.get_running_loop().call_later(self.daemon.retry_in + 0.05, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry_timer = None
+        if self.waiting is not None:
+            self.start_connecting()
+            self.publish_status()  # connected meanwhile: the retry goes out now
+            self._retry_while_waiting()  # in case start_connecting found the backoff not over yet
 
     def connected(self) -> bool:
         if self.daemon is not None and self.daemon.state == "connected":
@@ -121,6 +153,46 @@ class DiffucodeServer(LanguageServer):
         if self.daemon is not None:
             self.start_connecting()
         return False
+
+    # --- a completion that waits for the daemon ------------------------------------------------
+
+    def answered_without_daemon(self, uri: str, version: int | None, position: lsp.Position) -> None:
+        """An inline completion at `position` in version `version` of `uri` was answered empty
+        because the daemon was not ready. Only the last such request is kept: once the daemon
+        is ready the editor is told (LSP_RETRY_COMPLETION), and asks again if its cursor is
+        still there."""
+        self.waiting = {"textDocument": {"uri": uri, "version": version},
+                        "position": {"line": position.line, "character": position.character}}
+        self._retry_while_waiting()
+
+    def forget_waiting(self, uri: str | None = None) -> None:
+        """No retry for `uri` (closed), or for any document (None: shutting down)."""
+        if self.waiting is not None and uri in (None, self.waiting["textDocument"]["uri"]):
+            self.waiting = None
+        if self.waiting is None and self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+
+    def is_retry(self, uri: str, version: int | None, position: lsp.Position) -> bool:
+        """Whether a request is the editor asking again where it was told to (once): it asks
+        with an explicit trigger, but is answered as the keystroke it stands for (no alternatives)."""
+        asked = {"textDocument": {"uri": uri, "version": version},
+                 "position": {"line": position.line, "character": position.character}}
+        if asked != self.retried:
+            return False
+        self.retried = None
+        return True
+
+    def _retry_waiting(self) -> None:
+        waiting, self.waiting = self.waiting, None
+        self.retried = waiting
+        where = waiting["position"]
+        log.info("the daemon is ready: the editor may ask again for the completion at %s:%d:%d",
+                 waiting["textDocument"]["uri"], where["line"] + 1, where["character"] + 1)
+        try:
+            self.protocol.notify(LSP_RETRY_COMPLETION, waiting)
+        except Exception as e:  # the editor went away meanwhile
+            log.debug("%s not sent: %s", LSP_RETRY_COMPLETION, e)
 
     # --- status -----------------------------------------------------------------------------
 
@@ -139,7 +211,7 @@ class DiffucodeServer(LanguageServer):
             state, message = "error", self.error
         else:
             state = "busy" if self.in_flight else "ready"
-            message = f"{self.model_name} via {self.daemon_address()}"
+            message = f"served by the daemon at {self.daemon_address()}"  # the model has its own field
         if self.problems:
             message += " (settings: " + "; ".join(self.problems) + ")"
         return {"state": state, "message": message, "model": self.model_name,
@@ -149,6 +221,8 @@ class DiffucodeServer(LanguageServer):
 
     def publish_status(self) -> None:
         status = self.status()
+        if self.waiting is not None and status["state"] in ("ready", "busy"):
+            self._retry_waiting()
         if status != self._last_status:
             self._last_status = status
             try:

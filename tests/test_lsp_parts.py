@@ -1,4 +1,5 @@
-"""The language server's parts on their own: settings, cache, debounce, functions, context."""
+"""The language server's parts on their own: settings, cache, debounce, functions, context, the
+re-indentation of proposals."""
 
 import dataclasses
 import json
@@ -12,7 +13,9 @@ from pygls.workspace.position_codec import PositionCodec
 from diffucode.lsp.cache import CompletionCache
 from diffucode.lsp.context import ContextBuilder, WorkspaceIndex, imported_paths
 from diffucode.lsp.debounce import Debouncer
+from diffucode.lsp.decoding import reindent_tokens
 from diffucode.lsp.functions import body_start, enclosing_function
+from diffucode.lsp.indent import indent_style, parse_check, reindent
 from diffucode.lsp.server import client_columns, offset_at
 from diffucode.lsp.settings import KEYS, Settings, parse
 
@@ -189,3 +192,46 @@ def test_text_before_the_cursor_starts_at_a_stable_line_start():
     assert len(starts) <= 2  # it moves at most once in half a stride (only when the grid is crossed)
     one_line = "x" * 10000
     assert stable_start(one_line, 9000, 6000) % START_STRIDE == 0  # no line start: the grid alone
+
+
+def test_reindent_moves_the_result_to_the_block_it_replaces():
+    block = "    total = a + b\n    return total"
+    # issue 19: a first token's space made `     value = 1` in a 4-space block; the next lines were right
+    assert reindent("     value = 1\n    return value", block, "", False) == "    value = 1\n    return value"
+    # the selection started after the indentation, which stays in the document
+    assert reindent(" value = 1\n    return value", block.lstrip(), "    ", False) == "value = 1\n    return value"
+    # a whole block one level too deep moves as a whole, relative indentation kept
+    deeper = "        if x:\n            y()\n        z()"
+    assert reindent(deeper, block, "", False) == "    if x:\n        y()\n    z()"
+    # tabs where the file uses them (a model's 4 spaces are one tab); blank lines stay as they are
+    assert reindent("    x = 1\n\n        y()", "\tz = 2", "", True) == "\tx = 1\n\n\t\ty()"
+    # after code on the line: nothing to measure against, the first line is left alone
+    assert reindent(" foo(1)\n\tbar()", "x", "y = ", False) == " foo(1)\n    bar()"
+    # a blank selection: the model saw the code around it, its indentation is kept
+    assert reindent("   x = 1", "\n", "", False) == "   x = 1"
+    # never below column 0; a first line that is blank measures from the next one
+    assert reindent("\n    a\n  b\nc", "old", "", False) == "\na\nb\nc"
+    assert reindent("", block, "", False) == ""
+
+
+def test_indent_style_and_parse_check():
+    assert indent_style("def f():\n  if x:\n    y\n") == (False, 2)
+    assert indent_style("def f():\n\tx\n\tif y:\n\t\tz\n") == (True, 4)
+    assert indent_style("x = 1\n") == (False, 4)
+    before = "def f():\n    return 1\n"
+    assert parse_check("python", before, before.replace("    return", "    x = 1\n     return")) == (
+        False, "line 3: unexpected indent")
+    assert parse_check("python", before, before) == (True, None)
+    assert parse_check("python", "def f(:\n", "def f(:\n    x") == (None, None)  # broken before: not judged
+    assert parse_check("javascript", "f(", "f((") == (None, None)
+
+
+def test_reindented_tokens_join_to_the_new_text():
+    tokens, order = ["    ", " value", " =", " 1", "\n", "    ", "return", " value"], list(range(8))
+    new = reindent("".join(tokens), "    total = a + b\n    return total", "", False)
+    assert reindent_tokens(tokens, order, new) == (
+        ["    value", " =", " 1", "\n", "    return", " value"], [1, 2, 3, 4, 6, 7])
+    assert reindent_tokens(["\tx", "\n", "\t\ty"], [0, 1, 2], "    x\n        y") == (
+        ["    x", "\n", "        y"], [0, 1, 2])
+    # not a re-indentation: cut to the text as a suggestion is
+    assert reindent_tokens(["ab", "cd"], [0, 1], "aX") == (["a"], [0])

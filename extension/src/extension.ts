@@ -2,11 +2,13 @@
  * The diffucode extension: starts the language server, shows its state, and offers commands.
  * Ghost text comes from the server through vscode-languageclient's native inline completion;
  * Fill Selection and Refine Function ask the server for edits and show them as a proposal;
- * Show Decoding Order replays the order in which the model wrote the last of them.
- * Accept word / accept line are VS Code's own inline-suggest commands; nothing here binds keys.
+ * Show Decoding Order replays the order in which the model wrote the last of them. A completion
+ * asked for before the daemon was ready is asked again when the server says it is, if the cursor
+ * has not moved. Accept word / accept line are VS Code's own inline-suggest commands; nothing
+ * here binds keys.
  */
 import * as vscode from 'vscode';
-import { Completion, FillResult, RefineResult, SNOOZE_MINUTES, parseMinutes } from './logic';
+import { Completion, FillResult, RefineResult, RetryCompletion, SNOOZE_MINUTES, parseMinutes, shouldRetry } from './logic';
 import { Decoding } from './order';
 import { DecodingOrderView } from './orderView';
 import { Proposals } from './proposal';
@@ -14,6 +16,7 @@ import { SECTION, Server } from './server';
 import { StatusBar } from './statusBar';
 
 let server: Server | undefined;
+let logChannel: vscode.LogOutputChannel | undefined;
 
 /** Runs one server request under a cancellable progress notification; errors become messages. */
 async function withServer<R>(server: Server, title: string, method: string, params: object): Promise<R | undefined> {
@@ -31,14 +34,28 @@ async function withServer<R>(server: Server, title: string, method: string, para
   }
 }
 
+/** The retry the server asks for once the daemon is ready: only where the user still is. */
+function retryCompletion(retry: RetryCompletion): void {
+  const editor = vscode.window.activeTextEditor;
+  const here = editor && {
+    uri: editor.document.uri.toString(), version: editor.document.version,
+    cursor: { line: editor.selection.active.line, character: editor.selection.active.character },
+    empty: editor.selection.isEmpty,
+  };
+  // (an explicit trigger: VS Code 1.139 ignores `{explicit: false}` when nothing was typed since)
+  if (shouldRetry(retry, here)) void vscode.commands.executeCommand('editor.action.inlineSuggest.trigger');
+}
+
 export function activate(context: vscode.ExtensionContext): void {
+  // Not in context.subscriptions: the server is stopped first, in deactivate, and may log until then.
   const log = vscode.window.createOutputChannel('diffucode', { log: true });
+  logChannel = log;
   const statusBar = new StatusBar();
   const proposals = new Proposals(log);
   const orderView = new DecodingOrderView();
-  const srv = new Server(log, { status: (s) => statusBar.update(s) }, context.extensionPath);
+  const srv = new Server(log, { status: (s) => statusBar.update(s), retry: retryCompletion }, context.extensionPath);
   server = srv;
-  context.subscriptions.push(log, statusBar, proposals, orderView);
+  context.subscriptions.push(statusBar, proposals, orderView);
 
   const command = (name: string, run: (...args: any[]) => unknown) =>
     context.subscriptions.push(vscode.commands.registerCommand(name, run));
@@ -55,7 +72,7 @@ export function activate(context: vscode.ExtensionContext): void {
       textDocument: { uri: document.uri.toString() },
       range: { start: { line: s.start.line, character: s.start.character }, end: { line: s.end.line, character: s.end.character } },
     });
-    if (result) void proposals.show('Fill Selection', document, result.version, result.edits);
+    if (result) void proposals.show('Fill Selection', document, result);
   });
 
   command('diffucode.refineFunction', async () => {
@@ -67,7 +84,7 @@ export function activate(context: vscode.ExtensionContext): void {
       textDocument: { uri: document.uri.toString() },
       position: { line: p.line, character: p.character },
     });
-    if (result) void proposals.show('Refine Function', document, result.version, result.edits, result.lines, result.note);
+    if (result) void proposals.show('Refine Function', document, result);
   });
 
   command('diffucode.showDecodingOrder', async () => {
@@ -132,5 +149,8 @@ export function activate(context: vscode.ExtensionContext): void {
 
 export async function deactivate(): Promise<void> {
   await server?.stop();
+  if (server) server.logClosed = true;
   server = undefined;
+  logChannel?.dispose();
+  logChannel = undefined;
 }

@@ -1,8 +1,10 @@
 /**
  * The extension's own decisions, as plain functions on plain data, so that `node --test` can
  * check them without VS Code: what the status bar says, whether a proposal may still be applied,
- * how a proposal's edits become text, which refined lines to highlight, which interpreter runs
- * the server, and which shown completions count as rejected.
+ * how a proposal's edits become text and what its prompt offers, which refined lines to
+ * highlight, which interpreter runs the server, which shown completions count as rejected, when
+ * a completion the daemon was not ready for is asked again, and at which level a server log
+ * line is shown.
  *
  * This module must not import `vscode` (nor anything that does). Completion logic (debounce,
  * cache, context, post-processing) is not here either: it lives in the language server.
@@ -25,8 +27,9 @@ export interface Status {
   enabled: boolean;
 }
 
-/** `diffucode/fillSelection` result. */
-export interface FillResult { edits: Edit[]; version: number }
+/** `diffucode/fillSelection` result. `parses`: whether the Python file with the edits applied
+ * parses (null: not judged: another language, or a file that did not parse before either). */
+export interface FillResult { edits: Edit[]; version: number; parses?: boolean | null; parseError?: string | null }
 
 /** `diffucode/refineFunction` result; `lines[i].line` is a 0-based line of the document as it
  * reads after the edits (the proposal), `confidence` in 0..1. */
@@ -100,6 +103,8 @@ export function stateInWords(status: Status, now: number): string {
     }
     default: words = `Unknown state ${JSON.stringify(status.state)}`;
   }
+  // A message that names the model itself (an older server's "MODEL via ADDRESS") is not told twice.
+  if (status.model && status.message.includes(status.model)) words = words.replace(` with ${model}`, '').replace(` (${model})`, '');
   const message = status.message.trim();
   return message && message !== words ? `${words}. ${message}` : `${words}.`;
 }
@@ -252,4 +257,47 @@ export function parseMinutes(input: string): number | undefined {
   if (!/^\d+$/.test(text)) return undefined;
   const n = Number(text);
   return n <= 7 * 24 * 60 ? n : undefined;
+}
+
+/** What a proposal's prompt says and offers. A proposal whose result does not parse says why and
+ * offers "Apply Anyway" instead of "Accept": applying it takes that explicit choice. */
+export function proposalPrompt(kind: string, name: string, result: { parses?: boolean | null; parseError?: string | null },
+  unsure: string, note: string): { message: string; apply: 'Accept' | 'Apply Anyway' } {
+  const extra = note ? ` (${note})` : '';
+  if (result.parses === false) {
+    return {
+      message: `diffucode ${kind}: with this edit ${name} does not parse (${result.parseError ?? 'a syntax error'}). ` +
+        `Apply it anyway?${unsure}${extra}`,
+      apply: 'Apply Anyway',
+    };
+  }
+  return { message: `diffucode ${kind}: accept the proposed edit to ${name}?${unsure}${extra}`, apply: 'Accept' };
+}
+
+/** `diffucode/retryCompletion`: the daemon is ready for a completion it was asked for too early. */
+export interface RetryCompletion { textDocument: { uri: string; version: number }; position: Position }
+
+/** Ask again only where the user still is: the same document, unchanged, the cursor (no
+ * selection) where the completion was asked for. */
+export function shouldRetry(retry: RetryCompletion, editor: { uri: string; version: number; cursor: Position; empty: boolean } | undefined): boolean {
+  return editor !== undefined && editor.empty && editor.uri === retry.textDocument.uri &&
+    editor.version === retry.textDocument.version &&
+    editor.cursor.line === retry.position.line && editor.cursor.character === retry.position.character;
+}
+
+export type LogLevel = 'trace' | 'debug' | 'info' | 'warn' | 'error';
+
+const LEVELS: Record<string, LogLevel> = {
+  TRACE: 'trace', DEBUG: 'debug', INFO: 'info', WARNING: 'warn', ERROR: 'error', CRITICAL: 'error',
+};
+
+/** A line the server wrote to stderr, at its level: the server's log lines read
+ * `2026-11-26 22:23:10,123 INFO diffucode.lsp: message` (lsp/server.py's configure_logging); the
+ * output channel adds its own time, so the text keeps `name: message`. A line that is no log
+ * line (a traceback's, a message's second line) continues the one before, at its level; before
+ * any, it is an error (what Python prints when it fails to start). */
+export function serverLogLine(line: string, previous: LogLevel | undefined): { level: LogLevel; text: string } {
+  const m = /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ([A-Z]+) (.*)$/.exec(line);
+  if (m && LEVELS[m[1]]) return { level: LEVELS[m[1]], text: m[2] };
+  return { level: previous ?? 'error', text: line };
 }

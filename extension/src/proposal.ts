@@ -1,10 +1,12 @@
 /**
  * Showing a proposed edit (Fill Selection, Refine Function) as a diff beside the document, with
  * accept and reject. The server computed the edits; this file renders them, highlights the lines
- * the model is unsure of, and applies them only to the document version they were made for.
+ * the model is unsure of, and applies them only to the document version they were made for. A
+ * result that does not parse (the server checks Python) is applied only on an explicit "Apply
+ * Anyway".
  */
 import * as vscode from 'vscode';
-import { Edit, applyEdits, canAccept, lowConfidenceLines, planEdits } from './logic';
+import { Edit, FillResult, RefineResult, applyEdits, canAccept, lowConfidenceLines, planEdits, proposalPrompt } from './logic';
 
 export const SCHEME = 'diffucode-proposal';
 const CONTEXT_KEY = 'diffucode.proposalActive';
@@ -17,6 +19,8 @@ interface Proposal {
   view: vscode.Uri;
   text: string;
   lowLines: { line: number; confidence: number }[];
+  /** Why the file would not parse with the edits applied, when it would not. */
+  parseError?: string;
 }
 
 function toRange(r: Edit['range']): vscode.Range {
@@ -74,8 +78,8 @@ export class Proposals implements vscode.Disposable, vscode.TextDocumentContentP
   }
 
   /** Opens the diff for a new proposal (replacing any earlier one) and offers accept / reject. */
-  async show(kind: string, document: vscode.TextDocument, version: number, edits: Edit[],
-    lines: { line: number; confidence: number }[] = [], note = ''): Promise<void> {
+  async show(kind: string, document: vscode.TextDocument, result: FillResult & Partial<RefineResult>): Promise<void> {
+    const { version, edits } = result;
     await this.discard();
     if (!canAccept(version, document.version)) {
       void vscode.window.showWarningMessage(
@@ -89,7 +93,8 @@ export class Proposals implements vscode.Disposable, vscode.TextDocumentContentP
     const view = document.uri.with({ scheme: SCHEME, query: `proposal=${++this.counter}` });
     const proposal: Proposal = {
       kind, document: document.uri, version, edits, view,
-      text: applyEdits(document.getText(), edits), lowLines: lowConfidenceLines(lines),
+      text: applyEdits(document.getText(), edits), lowLines: lowConfidenceLines(result.lines ?? []),
+      parseError: result.parses === false ? (result.parseError ?? 'a syntax error') : undefined,
     };
     this.current = proposal;
     await vscode.commands.executeCommand('setContext', CONTEXT_KEY, true);
@@ -98,10 +103,12 @@ export class Proposals implements vscode.Disposable, vscode.TextDocumentContentP
     await vscode.commands.executeCommand('vscode.diff', document.uri, view, `${name} ↔ diffucode ${kind}${unsure}`,
       { preview: true, viewColumn: vscode.ViewColumn.Active });
     this.decorate(vscode.window.visibleTextEditors);
-    const choice = await vscode.window.showInformationMessage(
-      `diffucode ${kind}: accept the proposed edit to ${name}?${unsure}${note ? ` (${note})` : ''}`, 'Accept', 'Reject');
+    const prompt = proposalPrompt(kind, name ?? '', result, unsure, result.note ?? '');
+    const choice = proposal.parseError
+      ? await vscode.window.showWarningMessage(prompt.message, prompt.apply, 'Reject')
+      : await vscode.window.showInformationMessage(prompt.message, prompt.apply, 'Reject');
     if (this.current !== proposal) return;
-    if (choice === 'Accept') await this.accept();
+    if (choice === prompt.apply) await this.accept(true);
     else if (choice === 'Reject') await this.discard();
   }
 
@@ -118,12 +125,18 @@ export class Proposals implements vscode.Disposable, vscode.TextDocumentContentP
     }
   }
 
-  /** Applies the proposal if its document is still at the version the edits were made for. */
-  async accept(): Promise<boolean> {
+  /** Applies the proposal if its document is still at the version the edits were made for. One
+   * that does not parse needs `confirmed` (the prompt's "Apply Anyway") or a second, modal, yes. */
+  async accept(confirmed = false): Promise<boolean> {
     const p = this.current;
     if (!p) {
       void vscode.window.showInformationMessage('diffucode: there is no proposal to accept.');
       return false;
+    }
+    if (p.parseError && !confirmed) {
+      const choice = await vscode.window.showWarningMessage(
+        `diffucode: with the ${p.kind} edit the file does not parse (${p.parseError}).`, { modal: true }, 'Apply Anyway');
+      if (choice !== 'Apply Anyway' || this.current !== p) return false;
     }
     const document = vscode.workspace.textDocuments.find((d) => d.uri.toString() === p.document.toString());
     if (!canAccept(p.version, document?.version)) {
@@ -133,7 +146,8 @@ export class Proposals implements vscode.Disposable, vscode.TextDocumentContentP
       return false;
     }
     const applied = await vscode.workspace.applyEdit(workspaceEdit(p.document, p.edits));
-    this.log.info(`${p.kind}: ${applied ? 'applied' : 'could not apply'} ${p.edits.length} edit(s) to ${p.document}`);
+    this.log.info(`${p.kind}: ${applied ? 'applied' : 'could not apply'} ${p.edits.length} edit(s) to ${p.document}` +
+      (p.parseError ? ` although it does not parse (${p.parseError})` : ''));
     await this.discard();
     if (applied) {
       await vscode.window.showTextDocument(p.document, { preview: false });

@@ -2,14 +2,20 @@
  * Starting and stopping `<python> -m diffucode lsp`, the language server that does all the work.
  *
  * Knows how to find the interpreter, how to tell the user when diffucode is missing there, and
- * how to wire the client (settings, status notifications, completion feedback). It knows nothing
- * about completions: vscode-languageclient registers inline completion natively.
+ * how to wire the client (settings, status and retry notifications, completion feedback, the
+ * server's log lines into the log channel at their own level). It knows nothing about
+ * completions: vscode-languageclient registers inline completion natively.
  */
 import { execFile } from 'node:child_process';
 import * as os from 'node:os';
+import * as readline from 'node:readline';
+import type { Readable } from 'node:stream';
 import * as vscode from 'vscode';
 import { LanguageClient, LanguageClientOptions, ServerOptions, State } from 'vscode-languageclient/node';
-import { Completion, CompletionFeedback, Status, choosePython, explainStartFailure, localStatus } from './logic';
+import {
+  Completion, CompletionFeedback, LogLevel, RetryCompletion, Status, choosePython, explainStartFailure, localStatus,
+  serverLogLine,
+} from './logic';
 
 export const SECTION = 'diffucode';
 
@@ -52,6 +58,8 @@ function checkInstalled(python: string, source: string, cwd: string): Promise<st
 
 export interface ServerEvents {
   status(status: Status): void;
+  /** `diffucode/retryCompletion`: the daemon is ready for a completion asked for too early. */
+  retry(retry: RetryCompletion): void;
 }
 
 /** One language client at a time; `restart` replaces it. */
@@ -59,11 +67,30 @@ export class Server implements vscode.Disposable {
   client: LanguageClient | undefined;
   private feedback = new CompletionFeedback();
   private lastStatus: Status | undefined;
+  /** Set once the log channel is disposed: what the server still writes then is dropped (a
+   * closed channel throws "Channel has been closed"). */
+  logClosed = false;
 
   /** `cwd` is where the server runs: not the workspace, whose folders would come first on
    * sys.path with `python -m` (a checkout of diffucode would shadow the installed package). */
   constructor(private readonly log: vscode.LogOutputChannel, private readonly events: ServerEvents,
     private readonly cwd: string) {}
+
+  /** One line to the log channel at `level`, unless it is closed. */
+  private write(level: LogLevel, text: string): void {
+    if (!this.logClosed) this.log[level](text);
+  }
+
+  /** The server's stderr: each log line at its own level (vscode-languageclient would log every
+   * line as an error); the channel's level (Developer: Set Log Level) hides what is below it. */
+  private pipeLog(input: Readable, stream: 'stdout' | 'stderr'): void {
+    let level: LogLevel | undefined = stream === 'stdout' ? 'info' : undefined;
+    readline.createInterface({ input, crlfDelay: Infinity, terminal: false, historySize: 0 }).on('line', (line) => {
+      const parsed = serverLogLine(line, level);
+      level = parsed.level;
+      this.write(parsed.level, parsed.text);
+    });
+  }
 
   private report(status: Status): void {
     this.lastStatus = status;
@@ -93,9 +120,21 @@ export class Server implements vscode.Disposable {
     const clientOptions: LanguageClientOptions = {
       documentSelector: [{ scheme: 'file' }, { scheme: 'untitled' }],
       outputChannel: this.log,
+      stdioOptions: { stdout: (input) => this.pipeLog(input, 'stdout'), stderr: (input) => this.pipeLog(input, 'stderr') },
       initializationOptions: { settings: settingsObject() },
       synchronize: { configurationSection: SECTION },
       middleware: {
+        // A setting that restarts the server (pythonPath, log.level) also reaches the one stopping:
+        // what cannot be sent to it is no error (the next server reads the settings at start).
+        workspace: {
+          didChangeConfiguration: async (sections, next) => {
+            try {
+              await next(sections);
+            } catch (error) {
+              if (this.client === client && client.isRunning()) throw error;
+            }
+          },
+        },
         provideInlineCompletionItems: async (document, position, context, token, next) => {
           const result = await next(document, position, context, token);
           const items = Array.isArray(result) ? result : result?.items;
@@ -118,6 +157,7 @@ export class Server implements vscode.Disposable {
       if (e.newState === State.Stopped) this.report(localStatus('down', 'The language server stopped (see Show Logs)', this.lastStatus));
     });
     client.onNotification('diffucode/statusChanged', (s: Status) => this.report(s));
+    client.onNotification('diffucode/retryCompletion', (r: RetryCompletion) => this.events.retry(r));
     try {
       await client.start();
       this.report(await client.sendRequest<Status>('diffucode/status', {}));
@@ -135,7 +175,7 @@ export class Server implements vscode.Disposable {
       try {
         await client.stop(5000);
       } catch (error) {
-        this.log.warn(`stopping the language server: ${error}`);
+        this.write('warn', `stopping the language server: ${error}`);
       }
     }
     this.report(localStatus('down', 'Stopped', this.lastStatus));
@@ -152,10 +192,10 @@ export class Server implements vscode.Disposable {
   /** A notification to the running server; dropped (and logged) when none runs. */
   notify(method: string, params: object): void {
     if (!this.client?.isRunning()) {
-      this.log.debug(`not sent (server not running): ${method}`);
+      this.write('debug', `not sent (server not running): ${method}`);
       return;
     }
-    this.client.sendNotification(method, params).catch((e) => this.log.warn(`${method}: ${e}`));
+    this.client.sendNotification(method, params).catch((e) => this.write('warn', `${method}: ${e}`));
   }
 
   /** The server's `command` on each inline completion item lands here when the user accepts it. */

@@ -2,9 +2,9 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import {
-  CompletionFeedback, Edit, Status, applyEdits, canAccept, choosePython, explainStartFailure,
-  localStatus, lowConfidenceLines, offsetAt, parseMinutes, planEdits, shortModelName, stateInWords,
-  statusBarText,
+  CompletionFeedback, Edit, RetryCompletion, Status, applyEdits, canAccept, choosePython, explainStartFailure,
+  localStatus, lowConfidenceLines, offsetAt, parseMinutes, planEdits, proposalPrompt, serverLogLine,
+  shortModelName, shouldRetry, stateInWords, statusBarText,
 } from '../src/logic';
 
 const NOW = 1_700_000_000_000;
@@ -152,5 +152,50 @@ describe('snooze minutes', () => {
     assert.equal(parseMinutes('1.5'), undefined);
     assert.equal(parseMinutes('-3'), undefined);
     assert.equal(parseMinutes('99999'), undefined);
+  });
+});
+
+describe('issue 19: the status menu, proposals that do not parse, retries, log levels', () => {
+  it('names the model once in the menu title, whatever the message says', () => {
+    assert.equal(stateInWords(status({ message: 'served by the daemon at /run/d.sock' }), NOW),
+      'Ready with model /tmp/ckpt/tiny-dream. served by the daemon at /run/d.sock');
+    // an older server's message names the model itself
+    const title = stateInWords(status({ lastLatencyMs: 40, message: '/tmp/ckpt/tiny-dream via /run/d.sock' }), NOW);
+    assert.equal(title, 'Ready; the last completion took 40 ms. /tmp/ckpt/tiny-dream via /run/d.sock');
+    assert.equal(title.split('/tmp/ckpt/tiny-dream').length - 1, 1);
+  });
+
+  it('offers Apply Anyway, with the reason, for a proposal that does not parse', () => {
+    const bad = proposalPrompt('Fill Selection', 'a.py', { parses: false, parseError: 'line 3: unexpected indent' }, '', '');
+    assert.equal(bad.apply, 'Apply Anyway');
+    assert.match(bad.message, /a\.py does not parse \(line 3: unexpected indent\)\. Apply it anyway\?/);
+    for (const parses of [true, null, undefined]) {
+      const ok = proposalPrompt('Refine Function', 'a.py', { parses }, ' (2 low-confidence lines marked)', '1 of 4 lines changed');
+      assert.equal(ok.apply, 'Accept');
+      assert.equal(ok.message, 'diffucode Refine Function: accept the proposed edit to a.py? (2 low-confidence lines marked) (1 of 4 lines changed)');
+    }
+  });
+
+  it('retries a completion only where the cursor still is', () => {
+    const retry: RetryCompletion = { textDocument: { uri: 'file:///a.py', version: 3 }, position: { line: 8, character: 11 } };
+    const here = { uri: 'file:///a.py', version: 3, cursor: { line: 8, character: 11 }, empty: true };
+    assert.equal(shouldRetry(retry, here), true);
+    assert.equal(shouldRetry(retry, { ...here, version: 4 }), false);
+    assert.equal(shouldRetry(retry, { ...here, cursor: { line: 8, character: 10 } }), false);
+    assert.equal(shouldRetry(retry, { ...here, uri: 'file:///b.py' }), false);
+    assert.equal(shouldRetry(retry, { ...here, empty: false }), false);
+    assert.equal(shouldRetry(retry, undefined), false);
+  });
+
+  it('reads the level of each server log line; other lines continue the last', () => {
+    assert.deepEqual(serverLogLine('2026-11-26 22:23:10,123 INFO diffucode.lsp: connected', undefined),
+      { level: 'info', text: 'diffucode.lsp: connected' });
+    assert.equal(serverLogLine('2026-11-26 22:23:10,123 WARNING pygls: slow', 'info').level, 'warn');
+    assert.equal(serverLogLine('2026-11-26 22:23:10,123 DEBUG diffucode.lsp: x', 'info').level, 'debug');
+    assert.equal(serverLogLine('2026-11-26 22:23:10,123 TRACE pygls.protocol: {...}', 'info').level, 'trace');
+    assert.equal(serverLogLine('2026-11-26 22:23:10,123 CRITICAL x: y', 'info').level, 'error');
+    assert.deepEqual(serverLogLine('  File "x.py", line 3', 'error'), { level: 'error', text: '  File "x.py", line 3' });
+    assert.equal(serverLogLine('second line of an info message', 'info').level, 'info');
+    assert.equal(serverLogLine('Traceback (most recent call last):', undefined).level, 'error');
   });
 });
