@@ -106,9 +106,10 @@ def run(args) -> int:
                                                   allow_network=args.allow_network))
             covered, baseline = trace_tests(sandbox)  # one run: does it pass, and which functions ran
             if baseline.pass_rate < 1.0:
-                raise InputError(f"the tests do not pass on the repository as it is ({baseline.passed} of "
-                                 f"{baseline.total} passed, exit {baseline.returncode}); tuning needs a passing "
-                                 f"command. Its output ends:\n{baseline.output_tail[-1500:]}")
+                how = (f"{baseline.passed} of {baseline.total} passed" if baseline.total else
+                       "timed out" if baseline.timed_out else f"the command exited with {baseline.returncode}")
+                raise InputError(f"the tests do not pass on the repository as it is ({how}); tuning needs a "
+                                 f"passing command. Its output ends:\n{baseline.output_tail[-1500:]}")
             say(f"tests pass on the repository as it is: {baseline.total or 'all'} in {baseline.seconds:.1f} s")
             reward = TestReward(sandbox)
         else:
