@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a second process ready (Python and torch loaded, no model) that takes over within "
                         "a second if this daemon dies without shutting down; the language server asks for it")
     p.add_argument("--as-standby", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="torch CPU threads for the model (default: torch's, one per core); on a small CPU shared "
+                        "with the editor fewer are faster (the language server spawns its daemon with half the "
+                        "cores)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING; or env DIFFUCODE_LOG")
     g = p.add_argument_group("HTTP (OpenAI /v1/completions, llama.cpp /infill, Ollama /api/generate)")
     g.add_argument("--http", default=None, metavar="HOST:PORT",

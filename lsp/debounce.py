@@ -13,7 +13,7 @@ from collections import deque
 
 
 class Debouncer:
-    def __init__(self, min_ms: float = 50.0, max_ms: float = 600.0):
+    def __init__(self, min_ms: float = 50.0, max_ms: float = 150.0):
         self.min_ms, self.max_ms = min_ms, max_ms
         self.keystrokes: deque[float] = deque(maxlen=20)  # monotonic seconds
         self.latencies: deque[float] = deque(maxlen=20)  # ms

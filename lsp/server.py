@@ -97,6 +97,8 @@ class DiffucodeServer(LanguageServer):
         spawn = None
         if self.settings.daemon_spawn:
             args = ["--standby"]  # a daemon killed or crashed is serving again within a second
+            threads = daemon_threads()
+            args += ["--threads", str(threads)] if threads else []
             args += ["--model", self.settings.model] if self.settings.model else []
             spawn = SpawnOptions(args=args, log_file=runtime_dir() / "daemon.log")
         self.daemon = ReconnectingClient(self.daemon_address(), spawn=spawn, connect_timeout=120.0)
@@ -280,6 +282,20 @@ class DiffucodeServer(LanguageServer):
 
     def active(self, language_id: str) -> bool:
         return self.enabled and self.snoozed_until <= time.time() and self.settings.language_enabled(language_id)
+
+
+def daemon_threads() -> int:
+    """Torch threads for the daemon the server spawns: half the cores, at least one. The editor
+    (and whatever else runs) needs a core too: on a 2-core AMD EPYC shared with other work, one
+    thread answered the bundled model's infill in 370 ms p50 against 475 ms with torch's default
+    of two (benchmarks/keystroke_latency.mjs, README "The language server"). The environment's
+    DIFFUCODE_DAEMON_THREADS overrides it; 0 leaves torch's default."""
+    import os
+
+    override = os.environ.get("DIFFUCODE_DAEMON_THREADS", "").strip()
+    if override.isdigit():
+        return int(override)
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def stable_start(text: str, offset: int, chars: int) -> int:

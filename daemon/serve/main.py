@@ -146,6 +146,11 @@ def serve(args, address: Address) -> int:
     if lock is None:
         return EXIT_ADDRESS_TAKEN
     at_imports, started = seconds_since_exec(), time.monotonic()  # (a standby: when it took over)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+        log.info("%d torch threads", args.threads)
     from diffucode.models import default_model
 
     state = ModelState(args.model or str(default_model()), args.device, args.dtype, args.prompt_format,

@@ -14,13 +14,13 @@
 // Prints one line per check and `e2e: N passed, N failed` last; exits 1 on any failure. Every
 // process it starts (code-server, Chromium, the language server, the daemon it spawns) carries a
 // marker in its environment and is killed by PID at the end.
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { freePort, processes, sleep, until } from './harness.mjs';
+import { QUIET_EDITOR, openWorkbench, processes, sleep, until } from './harness.mjs';
 
 const repo = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..', '..');
 const { chromium } = createRequire(path.join(repo, 'extension', 'package.json'))('playwright-core');
@@ -95,25 +95,8 @@ fs.writeFileSync(path.join(userData, 'User', 'settings.json'), JSON.stringify({
   'diffucode.requestTimeoutMs': 60000,  // a 2-core machine shared with other work can be slow
   'diffucode.completion.minConfidence': 0,  // a random model is unsure of every token: no cut
   'diffucode.log.level': 'debug',
-  // Tab must reach the ghost text, not a suggest widget (tooling.md).
-  'editor.quickSuggestions': { other: 'off', comments: 'off', strings: 'off' },
-  'editor.suggestOnTriggerCharacters': false,
-  'editor.wordBasedSuggestions': 'off',
-  'editor.inlineSuggest.enabled': true,
-  'editor.autoClosingBrackets': 'never',
-  'editor.autoClosingQuotes': 'never',
+  ...QUIET_EDITOR,
   'files.trimTrailingWhitespace': false,
-  'workbench.startupEditor': 'none',
-  'workbench.secondarySideBar.defaultVisibility': 'hidden',
-  'workbench.tips.enabled': false,
-  'security.workspace.trust.enabled': false,
-  'telemetry.telemetryLevel': 'off',
-  'update.mode': 'none',
-  'extensions.autoCheckUpdates': false,
-  'extensions.autoUpdate': false,
-  'extensions.ignoreRecommendations': true,
-  'chat.disableAIFeatures': true,
-  'git.enabled': false,
 }, null, 2));
 
 const env = {
@@ -133,29 +116,8 @@ async function main() {
 
   log(`temp dir ${tmp}`);
   execFileSync(opt.python, ['-m', 'diffucode.daemon.engine.tiny', checkpoint], { stdio: 'inherit', env });
-  execFileSync(opt['code-server'], ['--extensions-dir', extensions, '--user-data-dir', userData,
-    '--install-extension', path.resolve(opt.vsix), '--force'], { stdio: 'inherit', env });
-
-  const port = await freePort();
-  const serverLog = fs.openSync(path.join(artifacts, 'code-server.log'), 'w');
-  codeServer = spawn(opt['code-server'], ['--auth', 'none', '--bind-addr', `127.0.0.1:${port}`,
-    '--user-data-dir', userData, '--extensions-dir', extensions, '--disable-telemetry',
-    '--disable-update-check', '--disable-workspace-trust', workspace],
-  { env, stdio: ['ignore', serverLog, serverLog], detached: true });
-  await until('code-server to listen', async () => {
-    try { return (await fetch(`http://127.0.0.1:${port}/healthz`)).ok; } catch { return false; }
-  }, 30000);
-  log(`code-server on port ${port}`);
-
-  browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium', headless: true, env,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--no-first-run'],
-  });
-  page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
-  await page.goto(`http://127.0.0.1:${port}/?folder=${encodeURIComponent(workspace)}`);
-  await page.waitForSelector('.monaco-workbench', { timeout: 60000 });
-  log('workbench loaded');
+  ({ codeServer, browser, page } = await openWorkbench({ chromium, codeServerBin: opt['code-server'], vsix: opt.vsix,
+    userData, extensions, workspace, env, serverLog: path.join(artifacts, 'code-server.log'), log }));
 
   const status = page.locator('.statusbar-item', { hasText: 'diffucode' }).first();
   const statusText = async () => ((await status.count()) ? (await status.innerText()).replace(/\s+/g, ' ').trim() : '');
