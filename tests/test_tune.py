@@ -220,3 +220,27 @@ def test_two_processes_on_gloo_make_the_update_of_one(tiny_dir, repo, tmp_path):
     rec_one, rec_two = (json.loads((tmp_path / d / "tune.json").read_text()) for d in ("one", "two"))
     assert rec_two["world_size"] == 2 and rec_one["world_size"] == 1
     assert [s["reward"] for s in rec_one["steps"]] == pytest.approx([s["reward"] for s in rec_two["steps"]])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+def test_a_grpo_step_on_cuda_matches_the_cpu_estimate(tiny_dir, repo):
+    """The adapter, the coupled estimate and an update on a GPU (bf16 base, fp32 adapter)."""
+    targets = find_targets(repo, None)
+    settings = TuneSettings(canvas=16, context=48, group=2, prompts=1)
+    tuners = {}
+    for device, dtype in (("cpu", "float32"), ("cuda", "bfloat16")):
+        engine = Engine.load(tiny_dir, device=device, dtype=dtype)
+        lora.attach(engine.checkpoint.network, lora.LoraSettings(rank=4), seed=0)
+        tuners[device] = Tuner(engine, targets, ReconstructionReward(), settings)
+    c = tuners["cpu"].completion(targets[0], tuners["cpu"].tasks.tok.encode(targets[0].body), "k")
+    with torch.no_grad():
+        est = {d: coupled_token_logps(t.network, [c], t.tasks.ckpt.mask_id, t.pad_id, seed=1)[0].float().cpu()
+               for d, t in tuners.items()}
+    assert torch.allclose(est["cpu"], est["cuda"], atol=0.1, rtol=0.05)  # bf16 against fp32
+    stats = tuners["cuda"].step(0)
+    assert all(p.device.type == "cuda" and torch.isfinite(p).all() for p in tuners["cuda"].params)
+    assert stats["seconds"] > 0
