@@ -20,8 +20,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
-import platform
 import resource
 import sys
 import tarfile
@@ -29,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from diffucode import Engine
+from diffucode.bench import hardware
 from diffucode.daemon.engine.lora import LoraSettings, attach
 from diffucode.heldout import DEFAULT_HOME, package_held_out
 from diffucode.tune.repo import find_targets, split_targets, trace_tests
@@ -113,11 +111,8 @@ def main() -> int:
             rows["plain fine-tuning"] = arm("sft", args, train, held_out, reward, rows["coupled-GRPO"]["before"])
     seconds = time.perf_counter() - t0
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
     print(f"tune: {repo.name}, {len(held_out)} held-out functions (bodies <= {args.max_lines} lines), "
-          f"{args.minutes:g} min of training per arm; {cpu}, {os.cpu_count()} cores, torch {torch.get_num_threads()} "
-          f"threads; peak RSS {rss_mb:.0f} MB; {seconds:.0f} s in all")
+          f"{args.minutes:g} min of training per arm; {hardware('cpu')}; peak RSS {rss_mb:.0f} MB; {seconds:.0f} s in all")
     print("held-out functions: 'all pass' = every test passes with the greedy answer in place; 'tests' = share "
           "of tests passed, averaged; 'parses' = the file parses")
     print(f"{'arm':20s} {'steps':>5s} {'s/step':>7s} {'all pass':>17s} {'tests':>17s} {'parses':>17s} {'reward':>15s}")

@@ -12,8 +12,6 @@ a repository without tests can be tuned too.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import fields
@@ -59,20 +57,6 @@ def add_parser(sub) -> None:
     g.add_argument("--objective", default=DEFAULTS.objective, choices=OBJECTIVES,
                    help="grpo (default), or sft: plain fine-tuning on the true bodies, the baseline")
     p.set_defaults(run=run)
-
-
-def _hardware(device) -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
 
 
 def run(args) -> int:
@@ -130,6 +114,7 @@ def _loop(args, settings, world, train, held_out, reward, out: Path, say) -> int
     import torch
     from tqdm import tqdm
 
+    from diffucode.bench import hardware
     from diffucode.daemon.engine.api import Engine
     from diffucode.daemon.engine.lora import LoraSettings, attach, load_adapter, save_adapter, weights_sha256
 
@@ -141,7 +126,7 @@ def _loop(args, settings, world, train, held_out, reward, out: Path, say) -> int
     lora = LoraSettings(rank=settings.rank, alpha=settings.alpha)
     record = {"repo": str(args.repo), "tests": args.tests, "mode": args.mode, "objective": settings.objective,
               "targets": {"train": len(train), "held_out": len(held_out)}, "steps": [], "seconds": 0.0,
-              "hardware": _hardware(ckpt.device), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "hardware": hardware(ckpt.device), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if args.resume and (out / "adapter_config.json").is_file():
         info = load_adapter(ckpt.network, out, base_sha)
         lora, record = info.settings, info.record | {"resumed": True}

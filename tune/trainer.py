@@ -92,7 +92,8 @@ class Tuner:
         pad = tok.token_id("<|dlm_pad|>")  # Instruct/cpGRPO fill the canvas's tail with it; Base with its eos
         self.fill_id = pad if pad is not None else (cfg.eos_token_id if cfg.eos_token_id is not None else self.tasks.end_ids[0])
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-        self.targets = [t for t in targets if len(tok.encode(t.body)) < settings.canvas]
+        self._tokens: dict[tuple, tuple[list[int], list[int], list[int]]] = {}  # per target: see tokens()
+        self.targets = [t for t in targets if self.fits(t)]
         if not self.targets:
             raise InputError(f"none of the {len(targets)} functions has a body under {settings.canvas} tokens "
                              f"(raise --canvas)")
@@ -112,22 +113,33 @@ class Tuner:
             chosen.append((i - step * P, self.targets[order[at]]))
         return chosen[self.world.rank::self.world.size]
 
-    def _prompt(self, target: Target) -> tuple[list[int], list[int]]:
-        reserve = self.settings.canvas + self.tasks.template_tokens
-        return self.tasks._context(target.before, target.after, (self.settings.context, self.settings.context), reserve)
+    def tokens(self, target: Target) -> tuple[list[int], list[int], list[int]]:
+        """The target's code before and after (cut to the context budget) and its body, as token ids:
+        tokenized once per run (every step samples and scores the same targets again)."""
+        key = (target.path, target.name, target.first_line, target.last_line)
+        if key not in self._tokens:
+            reserve = self.settings.canvas + self.tasks.template_tokens
+            budget = (self.settings.context, self.settings.context)
+            b, a = self.tasks._context(target.before, target.after, budget, reserve)
+            self._tokens[key] = (b, a, self.tasks.tok.encode(target.body))
+        return self._tokens[key]
+
+    def fits(self, target: Target) -> bool:
+        """Whether the target's body and the end token after it fit the canvas."""
+        return len(self.tokens(target)[2]) < self.settings.canvas
 
     def completion(self, target: Target, middle: list[int], key: str) -> Completion:
         """`middle` laid out in the target's prompt, the canvas's tail filled with end tokens."""
         canvas = self.settings.canvas
         middle = middle[:canvas]
-        b, a = self._prompt(target)
+        b, a, _ = self.tokens(target)
         ids, start = self.tasks._layout("infill", b, middle + [self.fill_id] * (canvas - len(middle)), a)
         return Completion(ids, start, canvas, min(canvas, len(middle) + 1), key)
 
     @torch.no_grad()
     def sample(self, target: Target, n: int, seed: int, temperature: float) -> list[tuple[str, list[int]]]:
         """n canvases for the target in one batch: (text, middle ids) each."""
-        b, a = self._prompt(target)
+        b, a, _ = self.tokens(target)
         canvas = self.settings.canvas
         ids, start = self.tasks._layout("infill", b, [self.tasks.ckpt.mask_id] * canvas, a)
         opts = Options(max_new_tokens=canvas, temperature=temperature, seed=seed)
@@ -197,7 +209,7 @@ class Tuner:
         passes, weights = [], []
         for index, target in self.step_targets(step):
             rng = random.Random(_seed(self.settings.seed, step, index, "sft"))
-            c = self.completion(target, self.tasks.tok.encode(target.body), f"{step}:{index}")
+            c = self.completion(target, self.tokens(target)[2], f"{step}:{index}")
             t = rng.uniform(1e-3, 1.0)
             masked = [i for i in range(c.canvas) if rng.random() < t] or [rng.randrange(c.canvas)]
             passes.append(Pass(c.ids, c.start, masked))
@@ -216,7 +228,7 @@ class Tuner:
         """Greedy answers for `targets` (this process's share), rewarded: mean reward, pass rate
         (the code term: share of tests passed, or edit similarity without tests), share of functions
         whose tests all pass (whose answer matches, without tests), share that parse, exact matches."""
-        kept = [t for t in targets if len(self.tasks.tok.encode(t.body)) < self.settings.canvas]
+        kept = [t for t in targets if self.fits(t)]
         mine = kept[self.world.rank::self.world.size]
         got = []
         for target in mine:

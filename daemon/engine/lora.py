@@ -254,12 +254,10 @@ def load_adapter(network: nn.Module, folder: Path, base_sha256: str | None) -> A
         raise InputError(f"{folder}: the adapter was trained on base weights sha256 {trained_on[:12]}…, "
                          f"this checkpoint's are {base_sha256[:12]}…")
     expected = {}
-    probe = {}
     for name, module in network.named_modules():
         leaf = name.rpartition(".")[2]
         base = module.base if isinstance(module, LoraLinear) else module
         if leaf in settings.targets and hasattr(base, "in_features"):
-            probe[name] = (base.in_features, base.out_features)
             expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (settings.rank, base.in_features)
             expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (base.out_features, settings.rank)
     unknown = sorted(set(tensors) - set(expected))
@@ -278,5 +276,5 @@ def load_adapter(network: nn.Module, folder: Path, base_sha256: str | None) -> A
             m.lora_A.weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
             m.lora_B.weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
     network.eval()
-    return AdapterInfo(path=str(folder), settings=settings, base_sha256=trained_on or "", layers=len(probe),
+    return AdapterInfo(path=str(folder), settings=settings, base_sha256=trained_on or "", layers=len(expected) // 2,
                        record=record)
