@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import math
 import random
 import subprocess
 import sys
@@ -19,6 +20,7 @@ sys.path.insert(0, str(ROOT / "training"))
 import data
 from diffucode.daemon.engine.checkpoint import load_checkpoint
 from diffucode.daemon.engine.tokenizer import train_byte_level_bpe
+from objective import held_out_loss, unigram_logprobs
 from train import Windows, diffusion_loss, lr_at
 
 CODE = '''import os
@@ -208,6 +210,23 @@ def test_loss_masks_only_the_region_and_predicts_only_masked_positions(tiny_dir)
     assert diffusion_loss(net, x0, torch.zeros_like(region), mask_id, 0.999, torch.Generator()) == 0
 
 
+def test_held_out_loss_reports_the_unigram_baseline_and_the_models_gain_over_it(tiny_dir):
+    net = load_checkpoint(tiny_dir, device="cpu").network.float()
+    V = net.config.vocab_size
+    with torch.no_grad():
+        net.lm_head.weight.zero_()  # uniform logits: log V nats on every token, context or not
+    stream = [5] * 1000 + [7] * 1000
+    unigram = unigram_logprobs(stream, V)
+    assert unigram.shape == (V,) and abs(float(unigram.exp().sum()) - 1) < 1e-5
+    windows = [[5, 7] * 12, [7] * 24]
+    h = held_out_loss(net, windows, net.config.mask_token_id, torch.ones(V), "cpu", unigram=unigram)
+    expected_unigram = -math.log(1001 / (2000 + V))  # add-one smoothed, both tokens alike
+    assert h["nats_per_token"] == pytest.approx(math.log(V), abs=1e-3)
+    assert h["unigram_nats_per_token"] == pytest.approx(expected_unigram, abs=1e-3)
+    assert h["context_gain"] == pytest.approx(expected_unigram - math.log(V), abs=1e-3)  # worse than unigram
+    assert "context_gain" not in held_out_loss(net, windows, net.config.mask_token_id, torch.ones(V), "cpu")
+
+
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
     cfg = {"lr": 1e-3, "warmup": 10, "total_steps": 100}
     assert lr_at(5, cfg) == pytest.approx(5e-4, rel=0.01)
@@ -265,6 +284,7 @@ def test_a_stopped_run_continues_exactly_where_it_stopped(tmp_path, corpus):
     assert rec["tokens_seen"] == 6 * 2 * 128 == sum(s["tokens_seen"] for s in rec["segments"])
     assert rec["data"]["train_tokens"] > 1000 and rec["data"]["licences"] == {"stdlib": "PSF-2.0"}
     assert all(s["held_out"] and s["curve"] and s["hardware"] for s in rec["segments"])
+    assert all("context_gain" in h and "unigram_nats_per_token" in h for s in rec["segments"] for h in s["held_out"])
     # export: a bf16 checkpoint the normal loader reads, with its checksums
     out = tmp_path / "export"
     _train(tmp_path / "halves", corpus, "--export", str(out))

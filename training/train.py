@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data
 from diffucode.daemon.engine.network import Dream, DreamConfig
 from diffucode.daemon.engine.tokenizer import Tokenizer
-from objective import Windows, cached_stream, diffusion_loss, held_out_loss
+from objective import Windows, cached_stream, diffusion_loss, held_out_loss, unigram_logprobs
 from run_folder import (
     SPECIALS,  # noqa: F401 (tests/test_training.py imports it from here)
     corpus_record,
@@ -118,6 +118,7 @@ def train(args) -> int:
     train_tokens = int((stream != eos).sum())
     windows = Windows(stream, seq_len, settings["seed"], tok, eos, settings["infill_prob"])
     held_windows = [Windows(held, seq_len, 12345, tok, eos, 0.0).slot(k).tolist() for k in range(args.eval_windows)]
+    unigram = unigram_logprobs(stream, cfg.vocab_size)
     byte_len = torch.tensor([len(tok.decode([i]).encode()) if i < tok.vocab_size else 1
                              for i in range(cfg.vocab_size)], dtype=torch.float32)
 
@@ -163,7 +164,7 @@ def train(args) -> int:
         (run / "training.json").write_text(json.dumps(rec, indent=1) + "\n")
 
     def evaluate():
-        h = held_out_loss(net, held_windows, mask_id, byte_len, device)
+        h = held_out_loss(net, held_windows, mask_id, byte_len, device, unigram=unigram)
         h["step"] = progress["step"]
         segment["held_out"].append(h)
         print(json.dumps({"held_out": h}), file=sys.stderr, flush=True)
