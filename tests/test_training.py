@@ -285,6 +285,14 @@ def test_a_stopped_run_continues_exactly_where_it_stopped(tmp_path, corpus):
     assert rec["data"]["train_tokens"] > 1000 and rec["data"]["licences"] == {"stdlib": "PSF-2.0"}
     assert all(s["held_out"] and s["curve"] and s["hardware"] for s in rec["segments"])
     assert all("context_gain" in h and "unigram_nats_per_token" in h for s in rec["segments"] for h in s["held_out"])
+    # the probe reads the same run: model and unigram at each mask ratio, on the same tokens
+    probe = subprocess.run([sys.executable, str(ROOT / "training" / "probe.py"), "--run", str(tmp_path / "halves"),
+                            "--corpus", str(corpus), "--windows", "2", "--threads", "1"],
+                           check=True, capture_output=True, text=True, timeout=300)
+    ratios = json.loads(probe.stdout.splitlines()[-1])["ratios"]
+    assert list(ratios) == ["0.05", "0.25", "0.5", "0.75", "1.0"]
+    for r in ratios.values():
+        assert r["context_gain"] == pytest.approx(r["unigram_nats_per_token"] - r["nats_per_token"], abs=2e-4)
     # export: a bf16 checkpoint the normal loader reads, with its checksums
     out = tmp_path / "export"
     _train(tmp_path / "halves", corpus, "--export", str(out))
