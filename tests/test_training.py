@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "training"))
 import data
 from diffucode.daemon.engine.checkpoint import load_checkpoint
 from diffucode.daemon.engine.tokenizer import train_byte_level_bpe
-from objective import held_out_loss, unigram_logprobs
+from objective import autoregressive_loss, held_out_loss, unigram_logprobs
 from train import Windows, diffusion_loss, lr_at
 
 CODE = '''import os
@@ -210,6 +210,26 @@ def test_loss_masks_only_the_region_and_predicts_only_masked_positions(tiny_dir)
     assert diffusion_loss(net, x0, torch.zeros_like(region), mask_id, 0.999, torch.Generator()) == 0
 
 
+def test_the_autoregressive_warm_start_predicts_each_token_from_the_ones_before_it_only(tiny_dir):
+    net = load_checkpoint(tiny_dir, device="cpu").network.float()
+    x0 = torch.randint(5, 100, (2, 7))
+
+    def from_prefix(x, p):  # position p read from the hidden state at p - 1 of a pass that lacks x[p:]
+        causal = torch.ones(p, p, dtype=torch.bool).tril()[None, None].expand(2, 1, p, p)
+        logits = net(x[:, :p], attention_mask=causal, predict_positions=torch.full((2, 1), p)).logits[:, 0]
+        return torch.nn.functional.cross_entropy(logits, x[:, p], reduction="none")
+
+    with torch.no_grad():
+        expected = torch.stack([from_prefix(x0, p) for p in range(1, 7)]).mean()
+        changed = x0.clone()
+        changed[:, 3:] = 4  # what comes after position 2 changes nothing of the first two terms
+        assert torch.allclose(from_prefix(changed, 1), from_prefix(x0, 1))
+        assert torch.allclose(from_prefix(changed, 2), from_prefix(x0, 2))
+        expected_changed = torch.stack([from_prefix(changed, p) for p in range(1, 7)]).mean()
+    torch.testing.assert_close(autoregressive_loss(net, x0).detach(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(autoregressive_loss(net, changed).detach(), expected_changed, rtol=1e-4, atol=1e-4)
+
+
 def test_held_out_loss_reports_the_unigram_baseline_and_the_models_gain_over_it(tiny_dir):
     net = load_checkpoint(tiny_dir, device="cpu").network.float()
     V = net.config.vocab_size
@@ -281,6 +301,9 @@ def test_a_stopped_run_continues_exactly_where_it_stopped(tmp_path, corpus):
         assert torch.equal(a[k], b[k]), k
     rec = json.loads((tmp_path / "halves" / "training.json").read_text())
     assert [(s["from_step"], s["to_step"]) for s in rec["segments"]] == [(0, 3), (3, 6)]
+    assert rec["settings"]["ar_steps"] == 1  # a quarter of the 6 steps: step 1 autoregressive, then diffusion
+    curve = {p["step"]: p for s in rec["segments"] for p in s["curve"]}
+    assert curve[1].get("objective") == "ar" and "objective" not in curve[6]
     assert rec["tokens_seen"] == 6 * 2 * 128 == sum(s["tokens_seen"] for s in rec["segments"])
     assert rec["data"]["train_tokens"] > 1000 and rec["data"]["licences"] == {"stdlib": "PSF-2.0"}
     assert all(s["held_out"] and s["curve"] and s["hardware"] for s in rec["segments"])

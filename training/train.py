@@ -5,6 +5,12 @@ The objective is DiffuCoder's pre-training loss: for each window a mask ratio t 
 on the masked positions (read through the logit shift, as at inference) is weighted by 1/t.
 Position 0 is never masked: the shift gives it no left neighbour to be predicted from.
 
+It starts autoregressively (`--ar-steps`, a quarter of the run by default): next-token
+cross-entropy with causal attention on plain windows, read through the same shift. Dream and
+DiffuCoder start from an autoregressive model (Qwen2.5) for the same reason: from masks alone
+this network learned almost nothing beyond token frequencies in 1,822 steps on a CPU (the first
+v2 attempt), while 150 autoregressive steps, then diffusion, did as well (README).
+
 Two kinds of windows (`--infill-prob` of them infill examples):
 - plain: 1,024 tokens of the training stream (files joined by end tokens), all open to masking;
 - infill: the window laid out as daemon/tasks.py lays out an infill request, the code before, the
@@ -25,8 +31,8 @@ fixed when the run is created. training.json in the run folder records every seg
 hardware, steps, tokens seen, minutes, loss curve and held-out loss.
 
     python training/data.py build                                  # the corpus (training/packages.json)
-    nice python training/train.py --run runs/v2 --total-steps 8000 --minutes 60   # create or continue
-    python training/train.py --run runs/v2 --export diffucode/models/tiny-code    # the bf16 bundle
+    nice python training/train.py --run runs/v3 --total-steps 8000 --minutes 60   # create or continue
+    python training/train.py --run runs/v3 --export diffucode/models/tiny-code    # the bf16 bundle
     python training/train.py --run /tmp/x --device cuda --dry-run  # two steps on a throwaway copy
 
 `--device cuda` trains in bf16 autocast; on CPU, bf16 autocast is used only where the CPU has
@@ -52,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data
 from diffucode.daemon.engine.network import Dream, DreamConfig
 from diffucode.daemon.engine.tokenizer import Tokenizer
-from objective import Windows, cached_stream, diffusion_loss, held_out_loss, unigram_logprobs
+from objective import Windows, autoregressive_loss, cached_stream, diffusion_loss, held_out_loss, unigram_logprobs
 from run_folder import (
     SPECIALS,  # noqa: F401 (tests/test_training.py imports it from here)
     corpus_record,
@@ -176,10 +182,14 @@ def train(args) -> int:
         lr = lr_at(step, settings)
         for group in opt.param_groups:
             group["lr"] = lr
-        x0, region = windows.batch(progress["windows_seen"], batch)
-        gen = torch.Generator().manual_seed(settings["seed"] * 1_000_003 + step)
+        autoregressive = step <= settings.get("ar_steps", 0)  # runs made before the warm start have none
         with autocast:
-            loss = diffusion_loss(net, x0.to(device), region.to(device), mask_id, settings["eps"], gen)
+            if autoregressive:
+                loss = autoregressive_loss(net, windows.plain_batch(progress["windows_seen"], batch).to(device))
+            else:
+                x0, region = windows.batch(progress["windows_seen"], batch)
+                gen = torch.Generator().manual_seed(settings["seed"] * 1_000_003 + step)
+                loss = diffusion_loss(net, x0.to(device), region.to(device), mask_id, settings["eps"], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -188,7 +198,7 @@ def train(args) -> int:
                         tokens_seen=progress["tokens_seen"] + batch * seq_len)
         segment["to_step"], segment["tokens_seen"] = step, segment["tokens_seen"] + batch * seq_len
         last = {"step": step, "loss": round(loss.item(), 4), "lr": round(lr, 7),
-                "seconds": round(time.time() - started, 1)}
+                "seconds": round(time.time() - started, 1), **({"objective": "ar"} if autoregressive else {})}
         if step % 25 == 0 or step == segment["from_step"] + 1 or args.dry_run:
             segment["curve"].append(last)
             print(json.dumps(last), file=sys.stderr, flush=True)
@@ -236,6 +246,9 @@ def main() -> int:
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--eps", type=float, default=1e-3)
     g.add_argument("--infill-prob", type=float, default=0.5, help="share of windows laid out as infill examples")
+    g.add_argument("--ar-steps", type=int, default=None,
+                   help="first steps trained autoregressively (causal attention, next token through the same "
+                        "shift) before the diffusion loss takes over; default a quarter of --total-steps")
     g.add_argument("--tokenizer-bytes", type=int, default=40_000_000, help="training text the BPE learns from")
     s = ap.add_argument_group("this segment")
     s.add_argument("--minutes", type=float, default=None, help="stop (and save) after this long")
