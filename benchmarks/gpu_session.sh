@@ -6,11 +6,12 @@
 #   bash benchmarks/gpu_session.sh --dry-run  # here, on CPU: tiny shapes, checks the plumbing
 #   bash benchmarks/gpu_session.sh train [--dry-run]   # the bundled model's training (issue 13), alone
 #
-# `train` continues training/runs/v2 on the GPU from the shard that travels with the working tree
-# (carry training/shards/v2, made here by `python training/shard.py --run training/runs/v2 --out
-# training/shards/v2`; the corpus cannot be built there, nothing outside is reachable) and leaves
-# in $OUT what comes back: the fp32 weights in pieces of 15 MiB (cat model.safetensors.part-* >
-# training/runs/v2/state/model.safetensors), progress.json, training.json and the log. The AdamW
+# `train` continues the run ${RUN:-training/runs/v3} on the GPU from the shard that travels with
+# the working tree (carry training/shards/v3, made here by `python training/shard.py --run
+# training/runs/v3 --out training/shards/v3`; SHARD=DIR names another; the corpus cannot be built
+# there, nothing outside is reachable) and leaves in $OUT what comes back: the fp32 weights in
+# pieces of 15 MiB (cat model.safetensors.part-* > training/runs/v3/state/model.safetensors),
+# progress.json, training.json and the log. The AdamW
 # moments stay behind ($OUT takes 8 files, 64 MiB): a later CPU segment starts them afresh.
 #
 # Logs go to ${OUT:-gpu-results}/ (one file per step; the benchmarks' last lines are JSON).
@@ -51,14 +52,16 @@ print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.
 EOF
 
 if [ $mode = train ]; then
+    run="${RUN:-training/runs/v3}"
+    shard="${SHARD:-training/shards/$(basename "$run")}"
     if [ $dry = 1 ]; then
-        step train-v2 600 "$py" training/train.py --run training/runs/v2 --corpus training/shards/v2 --device cuda --dry-run
+        step train 600 "$py" training/train.py --run "$run" --corpus "$shard" --device cuda --dry-run
     else  # 8000 steps of a 6.5 M-parameter model: minutes on one GPU; saved every 2 minutes and at the end
-        step train-v2 560 "$py" training/train.py --run training/runs/v2 --corpus training/shards/v2 --device cuda \
+        step train 560 "$py" training/train.py --run "$run" --corpus "$shard" --device cuda \
             --minutes 8.5 --save-minutes 2 --eval-every 1000
-        if [ -f training/runs/v2/state/model.safetensors ]; then
-            split -b 15M training/runs/v2/state/model.safetensors "$out/model.safetensors.part-"
-            cp training/runs/v2/state/progress.json training/runs/v2/training.json "$out/"
+        if [ -f "$run/state/model.safetensors" ]; then
+            split -b 15M "$run/state/model.safetensors" "$out/model.safetensors.part-"
+            cp "$run/state/progress.json" "$run/training.json" "$out/"
         fi
     fi
     cat "$out/summary.txt"

@@ -6,7 +6,7 @@ A model that reads its context predicts a token far better when little around it
 and the gain over the unigram say whether training has got past token frequencies at all. It is
 the check that found the first v2 attempt stuck near the unigram (README, "Its successor").
 
-    python training/probe.py --run training/runs/v2 [--state FILE] [--windows 16]
+    python training/probe.py --run training/runs/v3 [--state FILE] [--windows 16]
 
 Reads the run folder's config, tokenizer and state/model.safetensors (or --state) and the corpus
 that `training/data.py build` wrote; writes nothing. Last line: JSON.

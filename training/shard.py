@@ -1,7 +1,7 @@
 """A corpus shard that travels: the run's token streams, compressed, for a training segment on a
 machine that cannot build the corpus (a lent GPU reaches no network, and takes 64 MiB of files).
 
-    python training/shard.py --run training/runs/v2 --out training/shards/v2 [--train-tokens 80000000]
+    python training/shard.py --run training/runs/v3 --out training/shards/v3 [--train-tokens 80000000]
 
 writes OUT/train.u16.xz and OUT/held_out.u16.xz (the token ids as little-endian uint16, xz: about
 0.45 bytes a token), OUT/corpus.json (the corpus' record, so training.json names the same data)
