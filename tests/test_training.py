@@ -325,6 +325,14 @@ def test_a_stopped_run_continues_exactly_where_it_stopped(tmp_path, corpus):
     assert {"config.json", "model.safetensors", "training.json", "vocab.json"} <= set(sums)
 
 
+def test_an_autoregressive_phase_as_long_as_the_run_is_refused_before_anything_is_written(tmp_path, corpus):
+    cmd = [sys.executable, str(ROOT / "training" / "train.py"), "--run", str(tmp_path / "run"), "--corpus",
+           str(corpus), "--total-steps", "6", "--ar-steps", "6"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--ar-steps 6 must be at least 0 and below --total-steps 6" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
 def test_cuda_dry_run_runs_the_same_path_on_the_cpu_and_writes_nothing(tmp_path, corpus):
     run = tmp_path / "run"
     _train(run, corpus, "--until-step", "1")

@@ -65,6 +65,9 @@ def tokenizer_sample(docs: list[data.Doc], limit_bytes: int) -> list[str]:
 
 def create_run(args, run: Path) -> dict:
     """A new run folder: the tokenizer trained on the corpus, the config, the run settings."""
+    ar = args.ar_steps if args.ar_steps is not None else args.total_steps // 4
+    if not 0 <= ar < args.total_steps:  # checked before anything is written
+        raise SystemExit(f"--ar-steps {ar} must be at least 0 and below --total-steps {args.total_steps}")
     docs = data.read_split(args.corpus, "train")
     run.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -76,9 +79,6 @@ def create_run(args, run: Path) -> dict:
     settings = {k: getattr(args, k) for k in ("seed", "total_steps", "batch", "lr", "warmup", "eps", "infill_prob",
                                                "weight_decay", "tokenizer_bytes")}
     settings["batch"] = settings["batch"] or 8  # a new run's batch, unless --batch says otherwise
-    ar = args.ar_steps if args.ar_steps is not None else args.total_steps // 4
-    if not 0 <= ar < args.total_steps:
-        raise SystemExit(f"--ar-steps {ar} must be at least 0 and below --total-steps {args.total_steps}")
     settings["ar_steps"] = ar
     (run / "run.json").write_text(json.dumps(settings, indent=1) + "\n")
     return settings
