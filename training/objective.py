@@ -112,6 +112,13 @@ class Windows:
         """Windows first .. first + n - 1 as plain text (the autoregressive warm start's)."""
         return torch.tensor(np.stack([self.slot(first + r) for r in range(n)]).astype(np.int64))
 
+    @classmethod
+    def held_out(cls, held: np.ndarray, seq_len: int, tok: Tokenizer, eos: int, n: int) -> list[list[int]]:
+        """The n held-out windows that training evaluates on and training/probe.py probes: fixed by
+        their own seed, whatever the run's."""
+        windows = cls(held, seq_len, 12345, tok, eos, 0.0)
+        return [windows.slot(k).tolist() for k in range(n)]
+
     def middle(self, w: list[int], rng: random.Random) -> tuple[int, int, bool] | None:
         """[s, e) of the middle in w, and whether the middle is the rest of a line (then the
         newline that ends w[e - 1] belongs to the code after); None when there is no room."""
@@ -226,6 +233,8 @@ def held_out_loss(net: Dream, windows: list[list[int]], mask_id: int, byte_len: 
     net.eval()
     nats = tokens = nbytes = uni = 0.0
     x0 = torch.tensor(windows, device=device)
+    byte_len = byte_len.to(device)
+    unigram = unigram.to(device) if unigram is not None else None
     for j, t in enumerate(ts):
         gen = torch.Generator().manual_seed(1000 + j)
         for i in range(0, len(windows), 4):
@@ -237,9 +246,9 @@ def held_out_loss(net: Dream, windows: list[list[int]], mask_id: int, byte_len: 
             ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")
             nats += float((ce * masked).sum())
             tokens += float(masked.sum())
-            nbytes += float((byte_len.to(device)[x] * masked).sum())
+            nbytes += float((byte_len[x] * masked).sum())
             if unigram is not None:
-                uni -= float((unigram.to(device)[x] * masked).sum())
+                uni -= float((unigram[x] * masked).sum())
     net.train(was)
     out = {"nats_per_token": round(nats / tokens, 4), "bits_per_byte": round(nats / nbytes / math.log(2), 4)}
     if unigram is not None:

@@ -52,7 +52,7 @@ def main() -> int:
     eos, seq_len = cfg.eos_token_id, cfg.max_position_embeddings
     unigram = unigram_logprobs(cached_stream(args.corpus, "train", tok, args.run, eos), cfg.vocab_size)
     held = cached_stream(args.corpus, "held_out", tok, args.run, eos)
-    windows = [Windows(held, seq_len, 12345, tok, eos, 0.0).slot(k).tolist() for k in range(args.windows)]
+    windows = Windows.held_out(held, seq_len, tok, eos, args.windows)
     byte_len = torch.ones(cfg.vocab_size)
     rows = {}
     print(f"{state}: held-out nats per masked token ({args.windows} windows of {seq_len})")

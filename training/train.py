@@ -123,7 +123,7 @@ def train(args) -> int:
     held = cached_stream(args.corpus, "held_out", tok, run, eos)
     train_tokens = int((stream != eos).sum())
     windows = Windows(stream, seq_len, settings["seed"], tok, eos, settings["infill_prob"])
-    held_windows = [Windows(held, seq_len, 12345, tok, eos, 0.0).slot(k).tolist() for k in range(args.eval_windows)]
+    held_windows = Windows.held_out(held, seq_len, tok, eos, args.eval_windows)
     unigram = unigram_logprobs(stream, cfg.vocab_size)
     byte_len = torch.tensor([len(tok.decode([i]).encode()) if i < tok.vocab_size else 1
                              for i in range(cfg.vocab_size)], dtype=torch.float32)
